@@ -1,0 +1,187 @@
+"""Building blocks shared by every SMFNet part, NHWC throughout.
+
+These reproduce the PyTorch reference's numerics, not a textbook's: its LayerNorm is over
+channels with the biased variance and eps 1e-5, its GELU is the exact (erf) one, its
+`F.normalize` clamps the norm at 1e-12, and its BatchNorm updates running statistics with
+momentum 0.1 and the *unbiased* batch variance while normalising with the biased one.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Array = jax.Array
+
+
+def _host_rng(key) -> np.random.Generator | None:
+    """A numpy generator seeded from a concrete JAX key; None while tracing.
+
+    Drawing initial weights with jax.random compiles one program per distinct shape, which
+    made building the model take ~20 s on CPU; numpy draws them in milliseconds.
+    """
+    if isinstance(key, jax.core.Tracer):
+        return None
+    data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    return np.random.default_rng(np.asarray(data).ravel().tolist())
+
+
+def torch_uniform(bound: float) -> Callable:
+    """PyTorch's default Conv2d init draws weight and bias from U(-1/sqrt(fan_in), +)."""
+    def init(key, shape, dtype=jnp.float32):
+        rng = _host_rng(key)
+        if rng is None:
+            return jax.random.uniform(key, shape, dtype, -bound, bound)
+        return jnp.asarray(rng.uniform(-bound, bound, shape), dtype)
+    return init
+
+
+def normal_init(std: float) -> Callable:
+    def init(key, shape, dtype=jnp.float32):
+        rng = _host_rng(key)
+        if rng is None:
+            return std * jax.random.normal(key, shape, dtype)
+        return jnp.asarray(rng.normal(0.0, std, shape), dtype)
+    return init
+
+
+class Conv2d(nnx.Module):
+    """2-D convolution, NHWC input, HWIO kernel (PyTorch OIHW is converted at the edges).
+
+    `pad_mode="reflect"` pads by `padding` with reflection first and convolves unpadded,
+    as `nn.ReflectionPad2d` + `nn.Conv2d(padding=0)` does in the reference.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 1, *, padding: int = 0,
+                 dilation: int = 1, groups: int = 1, bias: bool = True,
+                 pad_mode: str = "zeros", kernel_init: Callable | None = None,
+                 rngs: nnx.Rngs):
+        if in_ch % groups or out_ch % groups:
+            raise ValueError(f"channels {in_ch}->{out_ch} not divisible by groups={groups}")
+        fan_in = (in_ch // groups) * kernel_size * kernel_size
+        init = kernel_init or torch_uniform(1.0 / math.sqrt(fan_in))
+        shape = (kernel_size, kernel_size, in_ch // groups, out_ch)
+        self.kernel = nnx.Param(init(rngs.params(), shape))
+        self.bias = (nnx.Param(torch_uniform(1.0 / math.sqrt(fan_in))(rngs.params(), (out_ch,)))
+                     if bias else None)
+        self.padding = padding
+        self.dilation = dilation
+        self.groups = groups
+        self.pad_mode = pad_mode
+
+    def __call__(self, x: Array) -> Array:
+        p = self.padding
+        if self.pad_mode == "reflect" and p:
+            x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)), mode="reflect")
+            pads = ((0, 0), (0, 0))
+        else:
+            pads = ((p, p), (p, p))
+        kernel = self.kernel[...]
+        y = jax.lax.conv_general_dilated(
+            x, kernel.astype(x.dtype), window_strides=(1, 1), padding=pads,
+            rhs_dilation=(self.dilation, self.dilation),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=self.groups)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(y.dtype)
+        return y
+
+
+class LayerNorm(nnx.Module):
+    """The reference's channel LayerNorm ('WithBias' / 'BiasFree'): biased variance, eps 1e-5.
+
+    'BiasFree' divides x itself (not x - mean) by the standard deviation, as the reference does.
+    """
+
+    def __init__(self, dim: int, with_bias: bool = True):
+        self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32)) if with_bias else None
+
+    def __call__(self, x: Array) -> Array:
+        mu = jnp.mean(x, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x - mu), axis=-1, keepdims=True)
+        inv = jax.lax.rsqrt(var + 1e-5)
+        w = self.weight[...].astype(x.dtype)
+        if self.bias is None:
+            return x * inv * w
+        return (x - mu) * inv * w + self.bias[...].astype(x.dtype)
+
+
+class BatchNorm2d(nnx.Module):
+    """PyTorch BatchNorm2d semantics over NHWC.
+
+    Eval (`use_running_average=True`, set by `model.eval()`): running statistics. Train: batch
+    statistics (biased variance) and a running-stat update with momentum 0.1 using the
+    unbiased variance; `num_batches_tracked` is counted so the export is faithful.
+    """
+
+    def __init__(self, dim: int, *, momentum: float = 0.1, eps: float = 1e-5):
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
+        self.mean = nnx.BatchStat(jnp.zeros((dim,), jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones((dim,), jnp.float32))
+        self.num_batches_tracked = nnx.BatchStat(jnp.zeros((), jnp.int32))
+        self.momentum = momentum
+        self.eps = eps
+        self.use_running_average = False
+
+    def __call__(self, x: Array) -> Array:
+        if self.use_running_average:
+            mean, var = self.mean[...], self.var[...]
+        else:
+            xf = x.astype(jnp.float32)
+            mean = jnp.mean(xf, axis=(0, 1, 2))
+            var = jnp.mean(jnp.square(xf - mean), axis=(0, 1, 2))
+            n = x.shape[0] * x.shape[1] * x.shape[2]
+            unbiased = var * (n / max(n - 1, 1))
+            m = self.momentum
+            self.mean[...] = (1 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean)
+            self.var[...] = (1 - m) * self.var[...] + m * jax.lax.stop_gradient(unbiased)
+            self.num_batches_tracked[...] = self.num_batches_tracked[...] + 1
+        inv = jax.lax.rsqrt(var + self.eps) * self.scale[...]
+        shift = self.bias[...] - mean * inv
+        return x * inv.astype(x.dtype) + shift.astype(x.dtype)
+
+
+def gelu(x: Array) -> Array:
+    """PyTorch's default GELU is the exact erf form; the tanh form misses parity by 1e-4."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+def leaky_relu(x: Array, slope: float) -> Array:
+    return jnp.where(x >= 0, x, slope * x)
+
+
+def relu6(x: Array) -> Array:
+    return jnp.clip(x, 0.0, 6.0)
+
+
+def l2_normalize(x: Array, axis: int) -> Array:
+    """`F.normalize`: x / max(||x||, 1e-12)."""
+    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
+    return x / jnp.maximum(norm, 1e-12)
+
+
+def channel_attention(q: Array, k: Array, v: Array, temperature: Array, heads: int) -> Array:
+    """Transposed (channel) attention of Restormer's MDTA, on NHWC q/k/v.
+
+    Each head attends over its channels, with q and k L2-normalised along the flattened
+    spatial axis, the logits scaled by a learned per-head temperature.
+    """
+    n, h, w, c = q.shape
+    ch = c // heads
+
+    def heads_first(t):  # (N, H, W, heads*ch) -> (N, heads, ch, H*W)
+        return t.reshape(n, h * w, heads, ch).transpose(0, 2, 3, 1)
+
+    qh = l2_normalize(heads_first(q), axis=-1)
+    kh = l2_normalize(heads_first(k), axis=-1)
+    vh = heads_first(v)
+    logits = jnp.einsum("bhcs,bhds->bhcd", qh, kh) * temperature.reshape(1, heads, 1, 1).astype(q.dtype)
+    attn = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bhcd,bhds->bhcs", attn, vh)
+    return out.transpose(0, 3, 1, 2).reshape(n, h, w, c)
