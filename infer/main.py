@@ -1,0 +1,297 @@
+"""Fuse every image pair of two folders with SMFNet.
+
+    python -m infer.main --ckpt (DIR|FILE.pth) --ir DIR --vi DIR --out DIR
+                         [--no-normalize] [--save-npy] [--evaluate]
+
+Pairs are matched by file stem (``01.png`` in --ir with ``01.jpg`` in --vi). The first image
+(infrared, MRI) is read as the reference's cv2 GRAY, the second (visible, PET, SPECT) as the
+Y of its YCrCb; both are divided by 255 and fused. The output follows the reference test
+script: the fused image is min-max normalised to [0, 1] (unless --no-normalize), scaled by
+255 and stored as cv2.imwrite stores a float image (round half to even, saturate). If the
+second image has colour, its Cr/Cb are kept and the result is written as a colour PNG;
+if it is grey (one channel, or three equal channels as in TNO) the result is a grey PNG.
+
+A pair that cannot be fused (unreadable or corrupt file, different sizes, a file with no
+partner, ...) is reported by name with the reason and nothing is written for it; the other
+pairs are still fused and the run ends with a summary and exit status 1.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+from tqdm import tqdm
+
+from smfnet_jax.imageio import (
+    IMAGE_EXTENSIONS,
+    ImageReadError,
+    float_to_uint8,
+    is_grey,
+    read_image,
+    rgb_to_gray,
+    rgb_to_ycrcb,
+    write_npy,
+    write_png,
+    ycrcb_to_rgb,
+)
+
+EXIT_OK = 0
+EXIT_SOME_FAILED = 1
+EXIT_USAGE = 2
+
+
+def load_fuser(ckpt):
+    """Load the model (seam for tests: they replace this with a tiny numpy fuser).
+
+    Imported lazily so that ``--help`` and argument errors do not pay for importing JAX.
+    """
+    from smfnet_jax.api import load_fuser as _load_fuser
+
+    return _load_fuser(ckpt)
+
+
+# ----------------------------------------------------------------------------- pairing
+
+@dataclass(frozen=True)
+class Pair:
+    name: str
+    ir: Path
+    vi: Path
+
+
+@dataclass(frozen=True)
+class Failure:
+    name: str
+    reason: str
+
+
+def list_images(folder: Path) -> tuple[dict[str, Path], list[Failure]]:
+    """Image files of a folder by stem; two files with one stem are an error for that stem."""
+    by_stem: dict[str, list[Path]] = {}
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith(".") or p.suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
+        by_stem.setdefault(p.stem, []).append(p)
+    images, problems = {}, []
+    for stem, paths in by_stem.items():
+        if len(paths) == 1:
+            images[stem] = paths[0]
+        else:
+            problems.append(Failure(stem, "several files share this name in "
+                                    f"{folder}: {', '.join(p.name for p in paths)}"))
+    return images, problems
+
+
+def find_pairs(ir_dir: Path, vi_dir: Path) -> tuple[list[Pair], list[Failure]]:
+    """Match the two folders by file stem; unmatched or ambiguous names become failures."""
+    ir, ir_problems = list_images(ir_dir)
+    vi, vi_problems = list_images(vi_dir)
+    failures = ir_problems + vi_problems
+    bad = {f.name for f in failures}
+    pairs = []
+    for stem in sorted(set(ir) | set(vi)):
+        if stem in bad:
+            continue
+        if stem not in vi:
+            failures.append(Failure(stem, f"{ir[stem]} has no partner in {vi_dir}"))
+        elif stem not in ir:
+            failures.append(Failure(stem, f"{vi[stem]} has no partner in {ir_dir}"))
+        else:
+            pairs.append(Pair(stem, ir[stem], vi[stem]))
+    failures.sort(key=lambda f: f.name)
+    return pairs, failures
+
+
+# ----------------------------------------------------------------------------- one pair
+
+class PairError(Exception):
+    """This pair cannot be fused; the message says why."""
+
+
+def load_pair(pair: Pair):
+    """-> (ir in [0,1] HxW, vi Y in [0,1] HxW, vi YCrCb 0..255 HxWx3, second image is grey)."""
+    try:
+        ir_raw = read_image(pair.ir)
+        vi_raw = read_image(pair.vi)
+    except ImageReadError as e:
+        raise PairError(str(e)) from e
+    if ir_raw.shape[:2] != vi_raw.shape[:2]:
+        raise PairError(f"sizes differ: {pair.ir} is {ir_raw.shape[1]}x{ir_raw.shape[0]}, "
+                        f"{pair.vi} is {vi_raw.shape[1]}x{vi_raw.shape[0]} (WxH)")
+    # As the reference: GRAY (rounded) for the first image, unrounded Y for the second.
+    ir = rgb_to_gray(ir_raw) / np.float32(255.0)
+    vi_ycrcb = rgb_to_ycrcb(vi_raw)
+    vi = vi_ycrcb[..., 0] / np.float32(255.0)
+    return ir, vi, vi_ycrcb, is_grey(vi_raw)
+
+
+def postprocess(fused: np.ndarray, normalize: bool) -> np.ndarray:
+    """Raw sigmoid output -> float32 image in 0..255 (before rounding), as the reference.
+
+    Min-max normalisation in float32; a constant output (max == min), where the reference
+    would divide by zero and write black, is kept as it is instead.
+    """
+    fused = np.asarray(fused, np.float32)
+    if normalize:
+        lo, hi = fused.min(), fused.max()
+        if hi > lo:
+            fused = (fused - lo) / (hi - lo)
+    return fused * np.float32(255.0)
+
+
+def render(fused255: np.ndarray, vi_ycrcb: np.ndarray, grey: bool) -> np.ndarray:
+    """uint8 output image: grey HxW, or RGB with the second image's Cr/Cb."""
+    if grey:
+        return float_to_uint8(fused255)
+    return ycrcb_to_rgb(np.stack([fused255, vi_ycrcb[..., 1], vi_ycrcb[..., 2]], axis=-1))
+
+
+def fuse_pair(fuser: Callable, pair: Pair, out_dir: Path, normalize: bool, save_npy: bool) -> list[Path]:
+    """Fuse one pair and write its outputs; raises PairError with nothing left on disk."""
+    ir, vi, vi_ycrcb, grey = load_pair(pair)
+    try:
+        fused = np.asarray(fuser(ir, vi), np.float32)
+    except Exception as e:  # a model failure on one input must not stop the others
+        raise PairError(f"fusion failed: {type(e).__name__}: {e}") from e
+    if fused.shape != ir.shape:
+        raise PairError(f"the model returned shape {fused.shape}, expected {ir.shape}")
+    if not np.all(np.isfinite(fused)):
+        raise PairError("the model returned non-finite values")
+    image = render(postprocess(fused, normalize), vi_ycrcb, grey)
+
+    targets = [(out_dir / f"{pair.name}.png", lambda p: write_png(p, image))]
+    if save_npy:
+        targets.append((out_dir / f"{pair.name}.npy", lambda p: write_npy(p, fused)))
+    written = []
+    try:
+        for path, write in targets:
+            write(path)  # atomic: temp file in out_dir + os.replace
+            written.append(path)
+    except OSError as e:
+        for path in written:  # all or nothing for this pair
+            path.unlink(missing_ok=True)
+        raise PairError(f"cannot write output: {e}") from e
+    return written
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m infer.main",
+        description="Fuse infrared/visible (or MRI/PET, MRI/SPECT, MRI/CT) image pairs with SMFNet. "
+                    "Pairs are matched by file stem; PNG, JPEG, BMP and TIFF files (8- or 16-bit, "
+                    "1 or 3 channels) are read.",
+        epilog="Exit status: 0 when every pair was fused, 1 when some pair failed (each is "
+               "reported with its reason), 2 for a usage error.")
+    p.add_argument("--ckpt", required=True, type=Path,
+                   help="orbax checkpoint directory (from convert.main or training) or a released .pth file")
+    p.add_argument("--ir", required=True, type=Path,
+                   help="folder of first images (infrared / MRI), read as grey")
+    p.add_argument("--vi", required=True, type=Path,
+                   help="folder of second images (visible / PET / SPECT / CT); the Y of YCrCb is "
+                        "fused, colour (Cr/Cb) is kept")
+    p.add_argument("--out", required=True, type=Path,
+                   help="output folder (created if needed; must differ from the input folders)")
+    p.add_argument("--no-normalize", action="store_true",
+                   help="write the raw sigmoid output * 255 instead of min-max normalising it first")
+    p.add_argument("--save-npy", action="store_true",
+                   help="also write NAME.npy: the raw sigmoid output (float32, HxW, before normalisation)")
+    p.add_argument("--evaluate", action="store_true",
+                   help="after fusing, compute the fusion metrics on the outputs and print a table")
+    p.add_argument("--ssim-range", type=float, default=255.0,
+                   help="data range given to SSIM by --evaluate (default: 255, as the reference)")
+    return p
+
+
+def check_folders(args) -> str | None:
+    """A usage problem with the folders, or None."""
+    for flag, folder in (("--ir", args.ir), ("--vi", args.vi)):
+        if not folder.is_dir():
+            return f"{flag} {folder} is not a folder"
+    if args.out.exists() and not args.out.is_dir():
+        return f"--out {args.out} exists and is not a folder"
+    out = args.out.resolve()
+    for flag, folder in (("--ir", args.ir), ("--vi", args.vi)):
+        if out == folder.resolve():
+            return f"--out is the same folder as {flag} ({folder}): refusing to write among the inputs"
+    if not (args.ckpt.is_dir() or args.ckpt.is_file()):
+        return f"--ckpt {args.ckpt} does not exist"
+    return None
+
+
+def run(args, fuser: Callable | None = None) -> int:
+    problem = check_folders(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    pairs, failures = find_pairs(args.ir, args.vi)
+    for f in failures:
+        print(f"skipped {f.name}: {f.reason}", file=sys.stderr)
+    if not pairs and not failures:
+        print(f"error: no images ({', '.join(IMAGE_EXTENSIONS)}) in {args.ir} or {args.vi}",
+              file=sys.stderr)
+        return EXIT_SOME_FAILED
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    if pairs and fuser is None:
+        t0 = time.perf_counter()
+        fuser = load_fuser(args.ckpt)
+        print(f"loaded {args.ckpt} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+
+    fused_names, times = [], []
+    bar = tqdm(pairs, desc="fusing", unit="pair", file=sys.stderr, dynamic_ncols=True)
+    for pair in bar:
+        t0 = time.perf_counter()
+        try:
+            fuse_pair(fuser, pair, args.out, normalize=not args.no_normalize, save_npy=args.save_npy)
+        except PairError as e:
+            failures.append(Failure(pair.name, str(e)))
+            tqdm.write(f"failed {pair.name}: {e}", file=sys.stderr)
+            continue
+        dt = time.perf_counter() - t0
+        times.append(dt)
+        fused_names.append(pair.name)
+        bar.set_postfix_str(f"{pair.name}: {dt:.2f} s")
+    bar.close()
+
+    total = len({p.name for p in pairs} | {f.name for f in failures})
+    print(summary(fused_names, failures, times, total, args.out))
+
+    if args.evaluate and fused_names:
+        from infer.evaluate import evaluate_folders, format_table  # lazy: only when asked
+
+        results, errors = evaluate_folders(args.ir, args.vi, args.out, args.ssim_range)
+        print(format_table(results))
+        for err in errors or ():
+            print(f"evaluation: {err}", file=sys.stderr)
+        if errors:
+            return EXIT_SOME_FAILED
+    return EXIT_SOME_FAILED if failures else EXIT_OK
+
+
+def summary(fused: list[str], failures: Iterable[Failure], times: list[float], total: int,
+            out: Path) -> str:
+    failures = sorted(failures, key=lambda f: f.name)
+    lines = [f"fused {len(fused)} of {total} pairs into {out}"]
+    if times:
+        lines[0] += (f" ({sum(times):.1f} s, median {np.median(times):.2f} s per pair; the first "
+                     "pair of each size includes compilation)")
+    if failures:
+        lines.append(f"{len(failures)} failed, nothing written for them:")
+        lines += [f"  {f.name}: {f.reason}" for f in failures]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

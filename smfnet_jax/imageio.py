@@ -1,0 +1,278 @@
+"""Image reading and writing that reproduces the reference's OpenCV pipeline without OpenCV.
+
+The reference test script reads images with ``cv2.imread(path)`` (``IMREAD_COLOR``: every
+file becomes 8-bit, 3-channel BGR, alpha dropped, EXIF orientation applied), converts the
+result to ``float32`` and only then calls ``cv2.cvtColor``. So the colour conversions it
+relies on are OpenCV's *float* conversions, not its fixed-point uint8 ones:
+
+* GRAY  (infrared / MRI):  ``round(gray)`` with, per pixel,
+  ``gray = fma(R, 0.299, fma(B, 0.114, G * 0.587))`` in float32, rounded half to even.
+* YCrCb (visible / PET / SPECT): ``Y = fma(B, 0.114, fma(G, 0.587, R * 0.299))`` (not
+  rounded), ``Cr = (R - Y) * 0.713 + 128`` and ``Cb = (B - Y) * 0.564 + 128``.
+
+``fma`` is a fused multiply-add (one rounding): that is what OpenCV's SIMD code computes,
+and the operation order above was checked bit for bit against opencv-python (5.0, x86-64)
+on all 2**24 8-bit colours. OpenCV finishes each row's last ``W mod 8`` pixels with scalar
+code that orders the operations differently; there Y may differ by one float32 ulp
+(about 1.5e-5 at 255). That never changed a rounded GRAY value on the shared test images. A fused multiply-add on float32 operands is emulated exactly by computing in
+float64 and rounding once to float32 (the float64 sum of an 8-bit integer times a float32
+constant plus a float32 below 256 is exact).
+
+One deliberate difference: OpenCV's float YCrCb uses a chroma offset of 0.5 (it assumes
+float images live in [0, 1]), so the reference's Cr/Cb sit around 0.5 for 0..255 inputs.
+The offset cancels in the reference's round trip (it converts back with the same
+convention), so here Cr/Cb use the usual offset 128 and :func:`ycrcb_to_rgb` removes 128.
+
+Writing follows ``cv2.imwrite`` of a float image: values are rounded half to even,
+saturated to 0..255 and NaN becomes 0 (see :func:`float_to_uint8`).
+"""
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+__all__ = [
+    "ImageReadError",
+    "read_image",
+    "to_rgb8",
+    "is_grey",
+    "rgb_to_gray",
+    "rgb_to_ycrcb",
+    "read_gray",
+    "read_ycrcb",
+    "ycrcb_to_rgb",
+    "ycrcb_to_rgb_float",
+    "float_to_uint8",
+    "write_png",
+    "write_npy",
+    "IMAGE_EXTENSIONS",
+]
+
+# Extensions the fusion CLI looks for (compared lower-case).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+# OpenCV's float32 colour-conversion coefficients (colour.hpp / color_yuv.simd.hpp).
+_R2Y, _G2Y, _B2Y = np.float32(0.299), np.float32(0.587), np.float32(0.114)
+_R2CR, _B2CB = np.float32(0.713), np.float32(0.564)
+_CR2R, _CR2G, _CB2G, _CB2B = (np.float32(1.403), np.float32(-0.714),
+                              np.float32(-0.344), np.float32(1.773))
+_CHROMA_OFFSET = np.float32(128.0)
+
+
+class ImageReadError(ValueError):
+    """An image file is missing, unreadable, corrupt or in an unsupported format."""
+
+    def __init__(self, path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"cannot read image {self.path}: {reason}")
+
+
+# ----------------------------------------------------------------------------- reading
+
+def read_image(path) -> np.ndarray:
+    """Decode an image file into its pixels.
+
+    Returns HxW (grey) or HxWx3 (RGB order) with dtype uint8, or uint16 for 16-bit grey
+    files. Alpha is dropped (not composited, as ``cv2.IMREAD_COLOR`` does), palettes are
+    expanded and the EXIF orientation is applied (as ``cv2.imread`` does by default).
+    16-bit colour files arrive as uint8 holding the high byte of each sample: that is how
+    pillow decodes them, and how OpenCV reads 16-bit colour PNGs. Only the first frame of
+    a multi-frame file is read. Any failure raises :class:`ImageReadError` naming the file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ImageReadError(path, "no such file")
+    if not path.is_file():
+        raise ImageReadError(path, "not a regular file")
+    try:
+        with Image.open(path) as im:
+            im.load()  # force a full decode so truncated/corrupt data fails here
+            im = ImageOps.exif_transpose(im)
+            return _pil_to_array(im, path)
+    except ImageReadError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageReadError(path, f"image too large ({e})") from e
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        # PIL.UnidentifiedImageError is an OSError; truncated files raise OSError on load().
+        raise ImageReadError(path, f"not a readable image ({type(e).__name__}: {e})") from e
+
+
+def _pil_to_array(im: Image.Image, path: Path) -> np.ndarray:
+    mode = im.mode
+    if mode in ("L", "RGB"):
+        arr = np.asarray(im)
+    elif mode == "1":
+        arr = np.asarray(im.convert("L"))  # 0/255, as libpng expands 1-bit grey
+    elif mode == "LA":
+        arr = np.asarray(im.getchannel("L"))  # drop alpha without premultiplying
+    elif mode in ("RGBA", "RGBX"):
+        arr = np.asarray(im)[..., :3]  # drop alpha without premultiplying
+    elif mode in ("P", "PA"):
+        base = im.convert("RGBA" if "transparency" in im.info or mode == "PA" else "RGB")
+        arr = np.asarray(base)[..., :3]
+    elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+        arr = np.asarray(im.convert("RGB"))
+    elif mode.startswith("I;16") or mode == "I":
+        arr = np.asarray(im)
+        if arr.dtype != np.uint16:
+            if arr.size and (arr.min() < 0 or arr.max() > 65535):
+                raise ImageReadError(path, f"32-bit integer pixels outside 0..65535 (mode {mode})")
+            arr = arr.astype(np.uint16)
+        else:
+            arr = arr.astype(np.uint16, copy=False)  # native byte order
+    else:
+        raise ImageReadError(path, f"unsupported pixel format (PIL mode {mode!r})")
+    if arr.ndim not in (2, 3) or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ImageReadError(path, f"unexpected image shape {arr.shape}")
+    return np.ascontiguousarray(arr)
+
+
+def to_rgb8(image: np.ndarray) -> np.ndarray:
+    """As ``cv2.imread(IMREAD_COLOR)`` sees it: 8-bit, 3 channels (RGB order here).
+
+    16-bit samples keep their high byte (``>> 8``, what OpenCV does for 16-bit PNGs and
+    grey TIFFs); grey is repeated into three channels.
+    """
+    image = np.asarray(image)
+    if image.dtype == np.uint16:
+        image = (image >> 8).astype(np.uint8)
+    elif image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 or uint16 image, got {image.dtype}")
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=-1)
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"expected HxW or HxWx3, got shape {image.shape}")
+    return image
+
+
+def is_grey(image: np.ndarray) -> bool:
+    """True for a 1-channel image or a 3-channel one whose channels are all equal."""
+    image = np.asarray(image)
+    if image.ndim == 2:
+        return True
+    return bool(np.array_equal(image[..., 0], image[..., 1])
+                and np.array_equal(image[..., 0], image[..., 2]))
+
+
+def _fma(a, b, c) -> np.ndarray:
+    """float32 fused multiply-add, emulated with one float64 rounding step."""
+    return (np.asarray(a, np.float64) * np.float64(b) + np.asarray(c, np.float64)).astype(np.float32)
+
+
+def _channels_f32(image: np.ndarray):
+    rgb = to_rgb8(image).astype(np.float32)
+    return rgb[..., 0], rgb[..., 1], rgb[..., 2]
+
+
+def rgb_to_gray(image: np.ndarray) -> np.ndarray:
+    """Grey levels 0..255 (float32, integer-valued), as the reference's cv2 GRAY read.
+
+    ``round(cvtColor(float32(BGR), BGR2GRAY))``, rounding half to even like ``np.round``.
+    """
+    r, g, b = _channels_f32(image)
+    gray = _fma(r, _R2Y, _fma(b, _B2Y, g * _G2Y))
+    return np.round(gray).astype(np.float32)
+
+
+def rgb_to_ycrcb(image: np.ndarray) -> np.ndarray:
+    """HxWx3 float32 (Y, Cr, Cb), OpenCV's float conversion with chroma offset 128.
+
+    Y is not rounded (the reference feeds the unrounded Y to the network).
+    """
+    r, g, b = _channels_f32(image)
+    y = _fma(b, _B2Y, _fma(g, _G2Y, r * _R2Y))
+    cr = _fma(r - y, _R2CR, np.full_like(y, _CHROMA_OFFSET))
+    cb = _fma(b - y, _B2CB, np.full_like(y, _CHROMA_OFFSET))
+    return np.stack([y, cr, cb], axis=-1)
+
+
+def read_gray(path) -> np.ndarray:
+    """Read a file as the reference's ``image_read_cv2(path, 'GRAY')``: float32 HxW, 0..255."""
+    return rgb_to_gray(read_image(path))
+
+
+def read_ycrcb(path) -> np.ndarray:
+    """Read a file as float32 HxWx3 (Y, Cr, Cb) in 0..255 (see :func:`rgb_to_ycrcb`)."""
+    return rgb_to_ycrcb(read_image(path))
+
+
+def ycrcb_to_rgb(ycrcb: np.ndarray) -> np.ndarray:
+    """(Y, Cr, Cb) float -> uint8 RGB, as the reference's ``cvtColor(YCrCb2BGR)`` + ``imwrite``."""
+    return float_to_uint8(ycrcb_to_rgb_float(ycrcb))
+
+
+def ycrcb_to_rgb_float(ycrcb: np.ndarray) -> np.ndarray:
+    """(Y, Cr, Cb) float -> float32 RGB, OpenCV's float formula (same fused multiply-adds)."""
+    ycrcb = np.asarray(ycrcb, np.float32)
+    if ycrcb.ndim != 3 or ycrcb.shape[-1] != 3:
+        raise ValueError(f"expected HxWx3 (Y, Cr, Cb), got shape {ycrcb.shape}")
+    y = ycrcb[..., 0]
+    cr = ycrcb[..., 1] - _CHROMA_OFFSET
+    cb = ycrcb[..., 2] - _CHROMA_OFFSET
+    r = _fma(cr, _CR2R, y)
+    g = _fma(cr, _CR2G, _fma(cb, _CB2G, y))
+    b = _fma(cb, _CB2B, y)
+    return np.stack([r, g, b], axis=-1)
+
+
+def float_to_uint8(x: np.ndarray) -> np.ndarray:
+    """As ``cv2.imwrite`` stores a float image: round half to even, saturate, NaN -> 0."""
+    x = np.nan_to_num(np.asarray(x, np.float32), nan=0.0, posinf=255.0, neginf=0.0)
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- writing
+
+def _atomic_write(path, write_to_fileobj) -> Path:
+    """Write through a temporary file in the target folder, then rename it into place.
+
+    A crash or error leaves either the old file or no file, never a partial one.
+    """
+    path = Path(path)
+    # Not tempfile.mkstemp: its 0600 mode would stick to the output; this respects the umask.
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            break
+        except FileExistsError:
+            continue
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write_to_fileobj(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def write_png(path, image: np.ndarray) -> Path:
+    """Atomically write an HxW (grey) or HxWx3 (RGB) uint8 array as a PNG."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise ValueError(f"write_png expects uint8 pixels, got {image.dtype}")
+    if image.ndim == 2:
+        pil = Image.fromarray(image)
+    elif image.ndim == 3 and image.shape[-1] == 3:
+        pil = Image.fromarray(image)
+    else:
+        raise ValueError(f"write_png expects HxW or HxWx3, got shape {image.shape}")
+    return _atomic_write(path, lambda f: pil.save(f, format="PNG"))
+
+
+def write_npy(path, array: np.ndarray) -> Path:
+    """Atomically write an array as a .npy file."""
+    array = np.asarray(array)
+    return _atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))

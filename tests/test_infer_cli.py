@@ -1,0 +1,248 @@
+"""The fusion CLI's mechanics, with a tiny numpy fuser standing in for the model.
+
+The model is replaced through the ``infer.main.load_fuser`` seam, so these tests cover
+pairing, output formats, post-processing and error handling in well under a second each.
+"""
+import sys
+import types
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import infer.main as cli
+from smfnet_jax import imageio as io
+
+
+def _fuser_max(ir, vi):
+    return np.maximum(ir, vi).astype(np.float32)
+
+
+@pytest.fixture
+def use_fuser(monkeypatch):
+    """Install a numpy fuser; returns the list of checkpoints it was loaded from."""
+    loaded = []
+
+    def install(fn):
+        def fake_load(ckpt):
+            loaded.append(ckpt)
+            return fn
+        monkeypatch.setattr(cli, "load_fuser", fake_load)
+        return loaded
+    return install
+
+
+@pytest.fixture
+def dirs(tmp_path):
+    ir, vi, out = tmp_path / "ir", tmp_path / "vi", tmp_path / "out"
+    ir.mkdir()
+    vi.mkdir()
+    ckpt = tmp_path / "model.pth"
+    ckpt.write_bytes(b"not read by the fake fuser")
+    return ir, vi, out, ckpt
+
+
+def _args(ir, vi, out, ckpt, *extra):
+    return ["--ckpt", str(ckpt), "--ir", str(ir), "--vi", str(vi), "--out", str(out), *extra]
+
+
+def _save(path, arr):
+    Image.fromarray(arr).save(path)
+
+
+def _ramp(h, w):
+    """Grey test image holding 0 and 255 (so min-max normalisation of it is the identity)."""
+    x = (np.arange(h * w).reshape(h, w) * 37) % 256
+    x.flat[0], x.flat[1] = 0, 255
+    return x.astype(np.uint8)
+
+
+def test_pairs_grey_and_colour_outputs(dirs, use_fuser):
+    ir, vi, out, ckpt = dirs
+    rng = np.random.default_rng(0)
+    _save(ir / "a.png", _ramp(12, 10))
+    _save(vi / "a.JPG", rng.integers(0, 256, (12, 10, 3), dtype=np.uint8))  # colour
+    g = _ramp(7, 9)
+    _save(ir / "b.bmp", g)
+    _save(vi / "b.tif", np.stack([g[::-1]] * 3, -1))  # grey stored as RGB (as TNO)
+    loaded = use_fuser(_fuser_max)
+    assert cli.main(_args(ir, vi, out, ckpt)) == 0
+    assert loaded == [ckpt]
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]
+    with Image.open(out / "a.png") as a, Image.open(out / "b.png") as b:
+        assert (a.mode, a.size) == ("RGB", (10, 12))
+        assert (b.mode, b.size) == ("L", (9, 7))
+
+
+def test_min_max_normalisation_and_no_normalize(dirs, use_fuser):
+    ir, vi, out, ckpt = dirs
+    x = _ramp(6, 8)
+    _save(ir / "p.png", x)
+    _save(vi / "p.png", np.zeros_like(x))
+    use_fuser(lambda a, b: a * np.float32(0.5) + np.float32(0.25))  # range 0.25..0.75
+
+    assert cli.main(_args(ir, vi, out, ckpt)) == 0
+    # normalised back to 0..1, so the output is the input again
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "p.png")), x)
+
+    out2 = out.parent / "raw"
+    assert cli.main(_args(ir, vi, out2, ckpt, "--no-normalize")) == 0
+    expected = np.rint(x.astype(np.float64) * 0.5 + 63.75).astype(np.uint8)  # never a .5 tie
+    np.testing.assert_array_equal(np.asarray(Image.open(out2 / "p.png")), expected)
+
+
+def test_constant_output_is_not_divided_by_zero(dirs, use_fuser):
+    ir, vi, out, ckpt = dirs
+    _save(ir / "c.png", _ramp(4, 5))
+    _save(vi / "c.png", _ramp(4, 5))
+    use_fuser(lambda a, b: np.full_like(a, 0.5))
+    assert cli.main(_args(ir, vi, out, ckpt)) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "c.png")), 128)  # 127.5 -> 128
+
+
+def test_save_npy_is_raw_sigmoid_before_normalisation(dirs, use_fuser):
+    ir, vi, out, ckpt = dirs
+    x = _ramp(5, 7)
+    _save(ir / "n.png", x)
+    _save(vi / "n.png", x)
+    use_fuser(lambda a, b: a * np.float32(0.5) + np.float32(0.25))
+    assert cli.main(_args(ir, vi, out, ckpt, "--save-npy")) == 0
+    raw = np.load(out / "n.npy")
+    assert raw.dtype == np.float32 and raw.shape == x.shape
+    np.testing.assert_array_equal(raw, (x / np.float32(255)) * np.float32(0.5) + np.float32(0.25))
+
+
+def test_colour_is_kept(dirs, use_fuser):
+    ir, vi, out, ckpt = dirs
+    rgb = np.random.default_rng(1).integers(0, 256, (8, 11, 3), dtype=np.uint8)
+    _save(ir / "k.png", np.zeros(rgb.shape[:2], np.uint8))
+    _save(vi / "k.png", rgb)
+    use_fuser(lambda a, b: b)  # "fuse" = the visible Y itself
+    assert cli.main(_args(ir, vi, out, ckpt, "--no-normalize")) == 0
+    got = np.asarray(Image.open(out / "k.png")).astype(int)
+    assert np.abs(got - rgb).max() <= 1  # Y from the fuser + the input's Cr/Cb = the input
+
+
+def test_bad_pairs_reported_others_fused(dirs, use_fuser, capsys):
+    ir, vi, out, ckpt = dirs
+    x = _ramp(6, 6)
+    _save(ir / "good.png", x)
+    _save(vi / "good.png", x)
+    _save(ir / "size.png", x)
+    _save(vi / "size.png", _ramp(6, 7))
+    _save(ir / "lonely_ir.png", x)
+    _save(vi / "lonely_vi.jpg", np.stack([x] * 3, -1))
+    (ir / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    _save(vi / "broken.png", x)
+    _save(ir / "twice.png", x)
+    _save(ir / "twice.bmp", x)
+    _save(vi / "twice.png", x)
+    (ir / "notes.txt").write_text("not an image: ignored")
+    use_fuser(_fuser_max)
+
+    assert cli.main(_args(ir, vi, out, ckpt)) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["good.png"]
+    err = capsys.readouterr()
+    summary = err.out
+    assert "fused 1 of 6 pairs" in summary
+    for name, why in [("size", "sizes differ"), ("lonely_ir", "no partner"),
+                      ("lonely_vi", "no partner"), ("broken", "broken.png"),
+                      ("twice", "several files")]:
+        assert any(line.strip().startswith(f"{name}:") and why in line
+                   for line in summary.splitlines()), (name, summary)
+    assert "notes" not in summary
+
+
+def test_model_failure_on_one_pair(dirs, use_fuser):
+    ir, vi, out, ckpt = dirs
+    for name, shape in [("ok", (4, 4)), ("bad", (5, 5))]:
+        _save(ir / f"{name}.png", _ramp(*shape))
+        _save(vi / f"{name}.png", _ramp(*shape))
+
+    def fuser(a, b):
+        if a.shape == (5, 5):
+            raise RuntimeError("boom")
+        return a
+    use_fuser(fuser)
+    assert cli.main(_args(ir, vi, out, ckpt, "--save-npy")) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["ok.npy", "ok.png"]
+
+
+def test_failed_write_leaves_nothing_for_the_pair(dirs, use_fuser, monkeypatch):
+    ir, vi, out, ckpt = dirs
+    _save(ir / "w.png", _ramp(4, 4))
+    _save(vi / "w.png", _ramp(4, 4))
+    use_fuser(_fuser_max)
+
+    def broken_npy(path, array):
+        raise OSError("disk full")
+    monkeypatch.setattr(cli, "write_npy", broken_npy)
+    assert cli.main(_args(ir, vi, out, ckpt, "--save-npy")) == 1
+    assert list(out.iterdir()) == []  # the PNG written first was removed again
+
+
+def test_refuses_to_write_into_an_input_folder(dirs, use_fuser, capsys):
+    ir, vi, out, ckpt = dirs
+    _save(ir / "a.png", _ramp(4, 4))
+    _save(vi / "a.png", _ramp(4, 4))
+    before = {p: p.read_bytes() for p in list(ir.iterdir()) + list(vi.iterdir())}
+    use_fuser(_fuser_max)
+    assert cli.main(_args(ir, vi, ir, ckpt)) == 2
+    assert cli.main(_args(ir, vi, str(vi) + "/../vi/", ckpt)) == 2
+    assert "refusing" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in list(ir.iterdir()) + list(vi.iterdir())} == before
+
+
+def test_usage_errors(dirs, use_fuser):
+    ir, vi, out, ckpt = dirs
+    use_fuser(_fuser_max)
+    assert cli.main(_args(ir / "nope", vi, out, ckpt)) == 2
+    assert cli.main(_args(ir, vi, out, ckpt.parent / "missing.pth")) == 2
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    assert e.value.code == 0
+
+
+def test_evaluate_is_called_after_fusing(dirs, use_fuser, monkeypatch, capsys):
+    ir, vi, out, ckpt = dirs
+    _save(ir / "e.png", _ramp(4, 4))
+    _save(vi / "e.png", _ramp(4, 4))
+    use_fuser(_fuser_max)
+    calls = []
+    fake = types.ModuleType("infer.evaluate")
+
+    def evaluate_folders(ir_dir, vi_dir, fused_dir, ssim_range):
+        calls.append((ir_dir, vi_dir, fused_dir, ssim_range, sorted(p.name for p in fused_dir.iterdir())))
+        return {"EN": 1.0}, []
+    fake.evaluate_folders = evaluate_folders
+    fake.format_table = lambda results: f"TABLE {results}"
+    monkeypatch.setitem(sys.modules, "infer.evaluate", fake)
+    assert cli.main(_args(ir, vi, out, ckpt, "--evaluate")) == 0
+    assert calls == [(ir, vi, out, 255.0, ["e.png"])]
+    assert "TABLE {'EN': 1.0}" in capsys.readouterr().out
+
+
+def test_real_files(shared_dir, tmp_path, use_fuser):
+    """Real formats: TNO grey-as-RGB PNG, RoadScene 1-channel/colour JPEGs, colour PET,
+    and the shared sample's corrupt MSRS file."""
+    data = shared_dir / "data"
+    ir, vi, out = tmp_path / "ir", tmp_path / "vi", tmp_path / "out"
+    ir.mkdir()
+    vi.mkdir()
+    links = [("TNO/ir/01.png", "TNO/vi/01.png", "tno"),
+             ("RoadScene/ir/FLIR_00977.jpg", "RoadScene/vi/FLIR_00977.jpg", "road"),
+             ("MRI_PET/MRI/11.png", "MRI_PET/PET/11.png", "pet"),
+             ("MSRS_sample/ir/00085D.png", "MSRS_sample/vi/00085D.png", "msrs_corrupt")]
+    for a, b, name in links:
+        (ir / f"{name}{a[a.rfind('.'):]}").symlink_to(data / a)
+        (vi / f"{name}{b[b.rfind('.'):]}").symlink_to(data / b)
+    use_fuser(_fuser_max)
+    ckpt = tmp_path / "m.pth"
+    ckpt.write_bytes(b"")
+    assert cli.main(_args(ir, vi, out, ckpt)) == 1  # the corrupt MSRS file
+    assert sorted(p.name for p in out.iterdir()) == ["pet.png", "road.png", "tno.png"]
+    expect = {"tno": ("L", data / "TNO/ir/01.png"), "road": ("RGB", data / "RoadScene/ir/FLIR_00977.jpg"),
+              "pet": ("RGB", data / "MRI_PET/MRI/11.png")}
+    for name, (mode, src) in expect.items():
+        with Image.open(out / f"{name}.png") as im, Image.open(src) as s:
+            assert (im.mode, im.size) == (mode, s.size)

@@ -1,0 +1,49 @@
+"""The reference's training recipe on MSRS patches (train.py of the original).
+
+    python -m train.main --config msrs.py --workdir runs/msrs --config.data.h5=data/msrs_train.h5
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 2025
+
+    c.data = ml_collections.ConfigDict()
+    c.data.h5 = ""                 # prepared patches (python -m train.prepare); required here
+    c.data.synthetic_pairs = 0     # >0: train on that many synthetic pairs instead of an H5
+    c.data.synthetic_size = 128
+    c.data.worker_count = 0        # grain worker processes (0: read in the main process)
+
+    c.batch_size = 6               # global batch, split over all devices of all processes
+    c.num_epochs = 120
+    c.phase1_epochs = 40           # epochs of phase I (encoder, decoder, graph only)
+    c.steps_per_epoch = -1         # -1: len(data) // batch_size; >0 caps an epoch (smoke runs)
+    c.max_steps = -1               # -1: run all epochs
+
+    c.lr = 1e-4                    # Adam, one per sub-model
+    c.lr_step_epochs = 20          # StepLR step size
+    c.lr_gamma = 0.5
+    c.lr_min = 1e-6
+    c.adam_b1 = 0.9
+    c.adam_b2 = 0.999
+    c.adam_eps = 1e-8
+    c.clip_norm = 0.01             # global-norm clipping per sub-model (torch clip_grad_norm_)
+
+    c.decomp_grad = False          # True: correlation (decomposition) terms carry gradients,
+                                   # as the paper describes; False reproduces train.py (.item())
+    c.compute_dtype = "float32"    # "bfloat16": bf16 activations, f32 params/optimizer (GPU/TPU)
+
+    c.init_from = ""               # .pth or orbax dir to start from (fine-tuning)
+    c.checkpoint_every_steps = 1000
+    c.keep_checkpoints = 3
+    c.log_every_steps = 50
+    c.sample_every_epochs = 5      # fused sample image into WORKDIR/samples
+    c.progress = True
+
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.coordinator_address = ""  # e.g. "10.0.0.1:1234"; empty: single process
+    c.distributed.num_processes = 1
+    c.distributed.process_id = 0
+    c.distributed.cpu_collectives = "gloo"  # CPU multi-process collectives
+    return c

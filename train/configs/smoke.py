@@ -1,0 +1,23 @@
+"""A few minutes on one CPU: both phases, checkpoints, logging, on synthetic pairs.
+
+    python -m train.main --config smoke.py --workdir /tmp/w
+    python -m train.main --config smoke.py --workdir /tmp/w --config.data.h5=/tmp/m.h5
+"""
+from train.configs import msrs
+
+
+def get_config():
+    c = msrs.get_config()
+    c.data.synthetic_pairs = 32    # used when data.h5 is empty
+    c.data.synthetic_size = 48
+    c.batch_size = 2
+    c.num_epochs = 4
+    c.phase1_epochs = 2
+    c.steps_per_epoch = 8
+    c.lr = 1e-3                    # 10x the recipe so a few steps visibly lower the loss
+    c.lr_step_epochs = 2
+    c.checkpoint_every_steps = 8
+    c.keep_checkpoints = 2
+    c.log_every_steps = 1
+    c.sample_every_epochs = 2
+    return c

@@ -1,0 +1,126 @@
+"""The jitted train step, the optimiser and the learning-rate schedule of the reference.
+
+The train state is a plain pytree of dicts so that it shards, donates and checkpoints
+without ceremony:
+
+    {"params": {sub: ...}, "batch_stats": {sub: ...}, "opt": {sub: ScaleByAdamState}}
+
+One Adam per sub-model (encoder, decoder, graph, base_fuse, detail_fuse), each with its own
+global-norm clipping, exactly as the reference's five optimisers. Phase I updates only the
+encoder, decoder and graph; the fusion layers' Adam state does not advance until phase II.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from smfnet_jax import losses
+from smfnet_jax.model import SUBMODELS, SMFNet
+
+PHASE1_SUBMODELS = ("encoder", "decoder", "graph")
+FUSION_SUBMODELS = ("base_fuse", "detail_fuse")
+
+
+def submodels_for(phase: int) -> tuple[str, ...]:
+    return PHASE1_SUBMODELS if phase == 1 else SUBMODELS
+
+
+def learning_rates(epoch: int, cfg) -> dict[str, float]:
+    """StepLR(step, gamma) per epoch, floored at lr_min, as the reference's schedulers.
+
+    The fusion layers' schedulers step only in phase II, so their decay counts phase-II
+    epochs: at epoch 40 they start at lr while the others are at lr * gamma**2.
+    """
+    def step_lr(n_epochs: int) -> float:
+        return max(cfg.lr_min, cfg.lr * cfg.lr_gamma ** (n_epochs // cfg.lr_step_epochs))
+
+    out = {sub: step_lr(epoch) for sub in PHASE1_SUBMODELS}
+    fusion_epochs = max(0, epoch - cfg.phase1_epochs)
+    out.update({sub: step_lr(fusion_epochs) for sub in FUSION_SUBMODELS})
+    return out
+
+
+def make_adam(cfg) -> optax.GradientTransformation:
+    return optax.scale_by_adam(b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps)
+
+
+def clip_grad_norm(grads, max_norm: float):
+    """torch.nn.utils.clip_grad_norm_: scale by min(1, max_norm / (norm + 1e-6))."""
+    norm = optax.global_norm(grads)
+    coef = jnp.minimum(1.0, max_norm / (norm + 1e-6))
+    return jax.tree.map(lambda g: g * coef, grads), norm
+
+
+def split_model(model: SMFNet):
+    graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
+
+
+def init_train_state(model: SMFNet, cfg) -> tuple[nnx.GraphDef, dict]:
+    graphdef, params, stats = split_model(model)
+    adam = make_adam(cfg)
+    opt = {sub: adam.init(params[sub]) for sub in SUBMODELS}
+    return graphdef, {"params": params, "batch_stats": stats, "opt": opt}
+
+
+def _cast_floats(tree, dtype):
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def make_loss_fn(graphdef, phase: int, cfg) -> Callable:
+    """(params, batch_stats, vi, ir) -> (loss, (terms, new_batch_stats)), model in train mode."""
+    compute = jnp.dtype(cfg.compute_dtype)
+    objective = losses.phase1_loss if phase == 1 else losses.phase2_loss
+
+    def loss_fn(params, batch_stats, vi, ir):
+        p = params if compute == jnp.float32 else _cast_floats(params, compute)
+        model = nnx.merge(graphdef, nnx.State(p), nnx.State(batch_stats))
+        model.train()
+        forward = model.phase1 if phase == 1 else model.phase2
+        out = forward(vi.astype(compute), ir.astype(compute))
+        out = _cast_floats(out, jnp.float32)  # losses in f32 whatever the compute dtype
+        total, terms = objective(out, vi, ir, decomp_grad=cfg.decomp_grad)
+        new_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+        return total, (terms, new_stats)
+
+    return loss_fn
+
+
+def make_train_step(graphdef, phase: int, cfg) -> Callable:
+    """(state, vi, ir, lrs) -> (state, metrics). Pure; jit it with shardings and donation."""
+    loss_fn = make_loss_fn(graphdef, phase, cfg)
+    adam = make_adam(cfg)
+    updated = submodels_for(phase)
+
+    def train_step(state, vi, ir, lrs):
+        (loss, (terms, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["params"], state["batch_stats"], vi, ir)
+        params, opt = dict(state["params"]), dict(state["opt"])
+        metrics = {"loss": loss, **terms}
+        for sub in updated:
+            g, norm = clip_grad_norm(grads[sub], cfg.clip_norm)
+            updates, opt[sub] = adam.update(g, opt[sub], params[sub])
+            params[sub] = jax.tree.map(lambda p, u: p - lrs[sub] * u, params[sub], updates)
+            metrics[f"grad_norm/{sub}"] = norm
+            metrics[f"param_norm/{sub}"] = optax.global_norm(params[sub])
+            metrics[f"lr/{sub}"] = lrs[sub]
+        return {"params": params, "batch_stats": new_stats, "opt": opt}, metrics
+
+    return train_step
+
+
+def jit_train_step(graphdef, phase: int, cfg, mesh: jax.sharding.Mesh | None = None) -> Callable:
+    """The step jitted with the state replicated, the batch split over the mesh's 'data'
+    axis, and the state's buffers donated."""
+    step = make_train_step(graphdef, phase, cfg)
+    if mesh is None:
+        return jax.jit(step, donate_argnums=(0,))
+    P = jax.sharding.PartitionSpec
+    replicated = jax.sharding.NamedSharding(mesh, P())
+    batch = jax.sharding.NamedSharding(mesh, P("data"))
+    return jax.jit(step, in_shardings=(replicated, batch, batch, replicated),
+                   out_shardings=(replicated, replicated), donate_argnums=(0,))
