@@ -20,6 +20,7 @@ from smfnet_jax.model import SMFNet, abstract_model, create_model
 MODEL_ITEM = "model"
 EXTRAS_ITEM = "extras"
 META_ITEM = "meta"
+TRAIN_CHECKPOINT_SUBDIR = "checkpoints"  # where train.main keeps orbax steps inside a workdir
 
 
 class CheckpointError(ValueError):
@@ -73,6 +74,8 @@ def _restore_dir(path: Path, step: int | None) -> Loaded:
     ocp = _ocp()
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint directory")
+    if (path / TRAIN_CHECKPOINT_SUBDIR).is_dir():  # a training workdir
+        path = path / TRAIN_CHECKPOINT_SUBDIR
     mngr = ocp.CheckpointManager(path.absolute(), options=ocp.CheckpointManagerOptions(read_only=True))
     try:
         steps = mngr.all_steps()

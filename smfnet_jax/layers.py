@@ -74,21 +74,47 @@ class Conv2d(nnx.Module):
         self.pad_mode = pad_mode
 
     def __call__(self, x: Array) -> Array:
-        p = self.padding
-        if self.pad_mode == "reflect" and p:
-            x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)), mode="reflect")
-            pads = ((0, 0), (0, 0))
+        kernel = self.kernel[...].astype(x.dtype)
+        kh, kw, cin_g, cout = kernel.shape
+        if kh == 1 and kw == 1 and self.groups == 1 and self.padding == 0:
+            # A 1x1 conv is a matmul over channels; XLA:CPU runs dot_general ~3x faster
+            # than a 1x1 convolution (forward and backward).
+            y = jnp.einsum("nhwc,cd->nhwd", x, kernel[0, 0])
+        elif self.groups == x.shape[-1] and cin_g == 1 and cout == self.groups:
+            y = self._depthwise(x, kernel)
         else:
-            pads = ((p, p), (p, p))
-        kernel = self.kernel[...]
-        y = jax.lax.conv_general_dilated(
-            x, kernel.astype(x.dtype), window_strides=(1, 1), padding=pads,
-            rhs_dilation=(self.dilation, self.dilation),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            feature_group_count=self.groups)
+            y = jax.lax.conv_general_dilated(
+                self._pad(x), kernel, window_strides=(1, 1), padding="VALID",
+                rhs_dilation=(self.dilation, self.dilation),
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                feature_group_count=self.groups)
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         return y
+
+    def _pad(self, x: Array) -> Array:
+        p = self.padding
+        if not p:
+            return x
+        mode = "reflect" if self.pad_mode == "reflect" else "constant"
+        return jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)), mode=mode)
+
+    def _depthwise(self, x: Array, kernel: Array) -> Array:
+        """Depthwise conv as a sum of shifted, per-channel-scaled copies.
+
+        XLA:CPU lowers feature_group_count == channels convolutions to a slow generic loop
+        (7x slower forward, 3x backward, measured); this form fuses into one pass.
+        """
+        xp = self._pad(x)
+        h = xp.shape[1] - self.dilation * (kernel.shape[0] - 1)
+        w = xp.shape[2] - self.dilation * (kernel.shape[1] - 1)
+        out = None
+        for i in range(kernel.shape[0]):
+            for j in range(kernel.shape[1]):
+                di, dj = i * self.dilation, j * self.dilation
+                term = xp[:, di:di + h, dj:dj + w, :] * kernel[i, j, 0]
+                out = term if out is None else out + term
+        return out
 
 
 class LayerNorm(nnx.Module):

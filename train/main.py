@@ -1,0 +1,92 @@
+"""Train SMFNet.
+
+  python -m train.main --config smoke.py --workdir /tmp/w                # synthetic data, minutes
+  python -m train.main --config msrs.py --workdir runs/msrs --config.data.h5=data/msrs_train.h5
+
+--config takes a config file; a bare name (msrs.py, smoke.py) is looked up in train/configs/.
+Any field can be overridden with --config.FIELD=VALUE (e.g. --config.batch_size=12).
+A workdir that already holds checkpoints is resumed from its latest step.
+Multi-host: --config.distributed.coordinator_address=HOST:PORT
+            --config.distributed.num_processes=N --config.distributed.process_id=I
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def resolve_config_arg(argv: list[str]) -> list[str]:
+    """Let `--config msrs.py` name a file of train/configs/ as well as a path."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        value, prefix = None, None
+        if arg == "--config" and i + 1 < len(out):
+            value, prefix, j = out[i + 1], None, i + 1
+        elif arg.startswith("--config="):
+            value, prefix, j = arg.split("=", 1)[1], "--config=", i
+        if value is None:
+            continue
+        path, _, rest = value.partition(":")  # config_flags allows FILE:ARG
+        if not Path(path).exists() and (CONFIG_DIR / path).exists():
+            value = str(CONFIG_DIR / path) + (":" + rest if rest else "")
+            out[j] = (prefix or "") + value
+        break
+    return out
+
+
+def _define_flags():
+    from absl import flags
+    from ml_collections import config_flags
+    config_flags.DEFINE_config_file(
+        "config", None, "training config file (bare names are looked up in train/configs/)",
+        lock_config=True)
+    flags.DEFINE_string("workdir", None, "where checkpoints, metrics.jsonl, TensorBoard events "
+                        "and sample images go; resumed if it holds checkpoints")
+    flags.mark_flags_as_required(["config", "workdir"])
+    return flags.FLAGS
+
+
+def run(cfg, workdir: str) -> int:
+    from train.data import BadPatchError, MissingDatasetError
+    from train.trainer import Trainer, TrainingError, init_distributed
+    init_distributed(cfg)
+    try:
+        trainer = Trainer(cfg, workdir)
+        if trainer.start_step >= trainer.total_steps:
+            print(f"{workdir}: already trained to step {trainer.start_step}", file=sys.stderr)
+            return 0
+        last = trainer.run()
+    except (MissingDatasetError, BadPatchError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if last:
+        print(f"done: step {last['step']}, loss {last['loss']:.5f}; checkpoints in "
+              f"{Path(workdir) / 'checkpoints'}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from absl import app
+    argv = resolve_config_arg(list(sys.argv if argv is None else argv))
+    flags = _define_flags()
+    if any(a in ("-h", "--help", "--helpshort") for a in argv[1:]):
+        print(__doc__)
+    result = {"rc": 0}
+
+    def _main(_):
+        result["rc"] = run(flags.config, flags.workdir)
+
+    try:
+        app.run(_main, argv=argv)
+    except SystemExit as e:
+        if e.code not in (None, 0):
+            raise
+    return result["rc"]
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    sys.exit(main())

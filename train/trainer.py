@@ -1,0 +1,281 @@
+"""The training loop: data, mesh, jitted steps, orbax checkpoints, logging.
+
+Data parallel: a 1-D `jax.make_mesh` mesh over every device of every process; the train
+state is replicated, the global batch is split along 'data'. Each process reads only its
+rows of every global batch (train.data's order contract), so the same code runs on one CPU,
+several GPUs, or a multi-host pod, and 1 process and N processes see the same global batch.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from smfnet_jax.checkpoint import TRAIN_CHECKPOINT_SUBDIR as CHECKPOINT_SUBDIR
+from smfnet_jax.model import create_model
+from train import step as train_step_lib
+
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (bad data, non-finite loss); the message says why."""
+
+
+# --------------------------------------------------------------------------- set-up helpers
+def init_distributed(cfg) -> None:
+    d = cfg.distributed
+    if not d.coordinator_address:
+        return
+    if d.cpu_collectives and jax.config.jax_platforms in (None, "", "cpu"):
+        jax.config.update("jax_cpu_collectives_implementation", d.cpu_collectives)
+    jax.distributed.initialize(coordinator_address=d.coordinator_address,
+                               num_processes=d.num_processes, process_id=d.process_id)
+
+
+def make_mesh() -> jax.sharding.Mesh:
+    # Auto axes: XLA propagates the batch sharding; the model code stays sharding-agnostic.
+    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def _replicate(tree, mesh):
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    def put(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+    return jax.tree.map(put, tree)
+
+
+def _global_batch(local: dict, mesh) -> tuple[jax.Array, jax.Array]:
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    return tuple(jax.make_array_from_process_local_data(sharding, np.asarray(local[k]))
+                 for k in ("vi", "ir"))
+
+
+def open_data(cfg):
+    from train import data as data_lib
+    if cfg.data.h5:
+        return data_lib.H5PairSource(cfg.data.h5)  # raises MissingDatasetError with MSRS help
+    if cfg.data.synthetic_pairs > 0:
+        return data_lib.SyntheticPairs(cfg.data.synthetic_pairs, cfg.data.synthetic_size, cfg.seed)
+    raise data_lib.MissingDatasetError(data_lib.MSRS_HELP)
+
+
+def merge_trees(a: dict, b: dict) -> dict:
+    """Nested union of the params and batch_stats pure dicts: the model's full state."""
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = merge_trees(out[k], v) if k in out and isinstance(v, dict) else v
+    return out
+
+
+def is_finite_number(x) -> bool:
+    return bool(np.all(np.isfinite(np.asarray(x))))
+
+
+# --------------------------------------------------------------------------- the trainer
+class Trainer:
+    def __init__(self, cfg, workdir: str | os.PathLike):
+        self.cfg = cfg
+        self.workdir = Path(workdir).absolute()
+        self.is_main = jax.process_index() == 0
+        self.mesh = make_mesh()
+        n_dev = jax.device_count()
+        if cfg.batch_size % n_dev:
+            raise TrainingError(f"batch_size {cfg.batch_size} is not divisible by the {n_dev} devices")
+
+        self.source = open_data(cfg)
+        from train.data import steps_per_epoch
+        spe = steps_per_epoch(self.source, cfg.batch_size)
+        if spe == 0:
+            raise TrainingError(f"{len(self.source)} patches is less than one batch of {cfg.batch_size}")
+        self.steps_per_epoch = min(spe, cfg.steps_per_epoch) if cfg.steps_per_epoch > 0 else spe
+        self.total_steps = cfg.num_epochs * self.steps_per_epoch
+        if cfg.max_steps > 0:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+
+        model = self._initial_model()
+        self.graphdef, state = train_step_lib.init_train_state(model, cfg)
+        self.state = _replicate(state, self.mesh)
+        self.steps = {phase: train_step_lib.jit_train_step(self.graphdef, phase, cfg, self.mesh)
+                      for phase in (1, 2)}
+        self.data_iter = self._make_iterator()
+        self.ckpt = self._checkpoint_manager()
+        self.start_step = self._maybe_restore()
+
+    # ------------------------------------------------------------------ construction
+    def _initial_model(self):
+        if self.cfg.init_from:
+            from smfnet_jax.checkpoint import load_checkpoint
+            return load_checkpoint(self.cfg.init_from).model
+        return create_model(self.cfg.seed)
+
+    def _make_iterator(self):
+        from train.data import make_train_iterator
+        return make_train_iterator(self.source, global_batch_size=self.cfg.batch_size,
+                                   seed=self.cfg.seed, worker_count=self.cfg.data.worker_count)
+
+    def _checkpoint_manager(self):
+        import orbax.checkpoint as ocp
+        options = ocp.CheckpointManagerOptions(max_to_keep=self.cfg.keep_checkpoints, create=True)
+        return ocp.CheckpointManager(self.workdir / CHECKPOINT_SUBDIR, options=options)
+
+    def _ckpt_args(self, save: bool):
+        import grain
+        import orbax.checkpoint as ocp
+        if save:
+            host = jax.device_get(self.state)
+            return ocp.args.Composite(
+                model=ocp.args.StandardSave(merge_trees(host["params"], host["batch_stats"])),
+                opt=ocp.args.StandardSave(host["opt"]),
+                data=grain.checkpoint.CheckpointSave(self.data_iter))
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.state)
+        return ocp.args.Composite(
+            model=ocp.args.StandardRestore(merge_trees(abstract["params"], abstract["batch_stats"])),
+            opt=ocp.args.StandardRestore(abstract["opt"]),
+            data=grain.checkpoint.CheckpointRestore(self.data_iter))
+
+    def _maybe_restore(self) -> int:
+        step = self.ckpt.latest_step()
+        if step is None:
+            return 0
+        restored = self.ckpt.restore(step, args=self._ckpt_args(save=False))
+        model_state = restored["model"]
+        state = {"params": _pick(model_state, self.state["params"]),
+                 "batch_stats": _pick(model_state, self.state["batch_stats"]),
+                 "opt": restored["opt"]}
+        self.state = _replicate(state, self.mesh)
+        if self.is_main:
+            print(f"resumed from {self.workdir / CHECKPOINT_SUBDIR} step {step}", file=sys.stderr)
+        return step
+
+    # ------------------------------------------------------------------ running
+    def phase_of(self, step: int) -> int:
+        return 1 if step // self.steps_per_epoch < self.cfg.phase1_epochs else 2
+
+    def save(self, step: int) -> None:
+        self.ckpt.save(step, args=self._ckpt_args(save=True), force=True)
+
+    def run(self, progress: bool | None = None) -> dict:
+        cfg = self.cfg
+        progress = cfg.progress if progress is None else progress
+        logger = MetricsLogger(self.workdir, enabled=self.is_main)
+        bar = None
+        if progress and self.is_main:
+            from tqdm import tqdm
+            bar = tqdm(total=self.total_steps, initial=self.start_step, unit="step",
+                       dynamic_ncols=True, desc="train")
+        last = {}
+        try:
+            for step in range(self.start_step, self.total_steps):
+                epoch = step // self.steps_per_epoch
+                phase = self.phase_of(step)
+                lrs = {k: jnp.float32(v) for k, v in train_step_lib.learning_rates(epoch, cfg).items()}
+                vi, ir = _global_batch(next(self.data_iter), self.mesh)
+                self.state, metrics = self.steps[phase](self.state, vi, ir, lrs)
+                done = step + 1
+                log_now = done % cfg.log_every_steps == 0 or done == self.total_steps
+                save_now = done % cfg.checkpoint_every_steps == 0 or done == self.total_steps
+                if log_now or save_now:
+                    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    bad = sorted(k for k, v in values.items() if not math.isfinite(v))
+                    if bad:
+                        raise TrainingError(
+                            f"non-finite {', '.join(bad)} at step {done} (epoch {epoch}, phase {phase}); "
+                            f"stopping without saving: the last good checkpoint is step "
+                            f"{self.ckpt.latest_step()} in {self.workdir / CHECKPOINT_SUBDIR}")
+                    values.update(step=done, epoch=epoch, phase=phase)
+                    last = values
+                    if log_now:
+                        logger.log(values)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{values['loss']:.4f}", phase=phase, epoch=epoch)
+                if save_now:
+                    self.save(done)
+                if done % self.steps_per_epoch == 0 and (epoch + 1) % cfg.sample_every_epochs == 0:
+                    self.write_sample(epoch, vi, ir)
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+            self.ckpt.wait_until_finished()
+            logger.close()
+        return last
+
+    def write_sample(self, epoch: int, vi: jax.Array, ir: jax.Array) -> None:
+        """Fuse the first pair of the current batch in eval mode and write it as a PNG."""
+        if not self.is_main:
+            return
+        from flax import nnx
+        from smfnet_jax.imageio import float_to_uint8, write_png
+        host = jax.device_get(self.state)
+        model = nnx.merge(self.graphdef, nnx.State(host["params"]), nnx.State(host["batch_stats"]))
+        model.eval()
+        local_vi = np.asarray(vi.addressable_shards[0].data)[:1]
+        local_ir = np.asarray(ir.addressable_shards[0].data)[:1]
+        fused = np.asarray(_eval_fuse(model, local_vi, local_ir))[0, :, :, 0]
+        row = np.concatenate([local_ir[0, :, :, 0], local_vi[0, :, :, 0], fused], axis=1)
+        out = self.workdir / "samples" / f"epoch_{epoch + 1:04d}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_png(out, float_to_uint8(row * 255.0))
+
+
+def _pick(full: dict, like: dict) -> dict:
+    """The sub-tree of `full` with the keys of `like` (params or batch_stats)."""
+    return {k: _pick(full[k], v) if isinstance(v, dict) else full[k] for k, v in like.items()}
+
+
+_EVAL_FUSE = None
+
+
+def _eval_fuse(model, vi, ir):
+    global _EVAL_FUSE
+    if _EVAL_FUSE is None:
+        from flax import nnx
+        _EVAL_FUSE = nnx.jit(lambda m, a, b: m(a, b))
+    return _EVAL_FUSE(model, vi, ir)
+
+
+class MetricsLogger:
+    """WORKDIR/metrics.jsonl (one JSON object per logged step) and TensorBoard events."""
+
+    def __init__(self, workdir: Path, enabled: bool):
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.path = workdir / "metrics.jsonl"
+        self.file = open(self.path, "a", encoding="utf-8")
+        try:
+            from tensorboardX import SummaryWriter
+            self.tb = SummaryWriter(str(workdir / "tensorboard"))
+        except ImportError:  # TensorBoard is optional; metrics.jsonl is the record
+            self.tb = None
+
+    def log(self, values: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(values, sort_keys=True) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in values.items():
+                if k != "step":
+                    self.tb.add_scalar(k, v, values["step"])
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+__all__ = ["Trainer", "TrainingError", "MetricsLogger", "init_distributed", "CHECKPOINT_SUBDIR",
+           "merge_trees"]
