@@ -49,6 +49,15 @@ def normal_init(std: float) -> Callable:
     return init
 
 
+def conv_nhwc(x: Array, kernel: Array, *, padding: int = 0, dilation: int = 1,
+              groups: int = 1) -> Array:
+    """Stride-1 convolution of NHWC input with an HWIO kernel and symmetric zero padding."""
+    return jax.lax.conv_general_dilated(
+        x, kernel, window_strides=(1, 1), padding=((padding, padding), (padding, padding)),
+        rhs_dilation=(dilation, dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=groups)
+
+
 class Conv2d(nnx.Module):
     """2-D convolution, NHWC input, HWIO kernel (PyTorch OIHW is converted at the edges).
 
@@ -83,11 +92,7 @@ class Conv2d(nnx.Module):
         elif self.groups == x.shape[-1] and cin_g == 1 and cout == self.groups:
             y = self._depthwise(x, kernel)
         else:
-            y = jax.lax.conv_general_dilated(
-                self._pad(x), kernel, window_strides=(1, 1), padding="VALID",
-                rhs_dilation=(self.dilation, self.dilation),
-                dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                feature_group_count=self.groups)
+            y = conv_nhwc(self._pad(x), kernel, dilation=self.dilation, groups=self.groups)
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         return y

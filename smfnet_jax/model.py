@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from smfnet_jax.layers import (BatchNorm2d, Conv2d, LayerNorm, channel_attention, gelu,
+from smfnet_jax.layers import (BatchNorm2d, Conv2d, LayerNorm, channel_attention, conv_nhwc, gelu,
                                leaky_relu, normal_init, relu6)
 
 Array = jax.Array
@@ -62,7 +62,10 @@ class DenseAttention(nnx.Module):
         if self.qkv_folded is not None:
             qkv = self.qkv_folded(x)
         else:
-            qkv = self.qkv2(self.qkv1(x))
+            # qkv2(qkv1(x)) as one 3x3 conv with the composed kernel: exact algebra (no bias,
+            # zero padding) at a third of the FLOPs, and differentiable in both weights.
+            k = jnp.einsum("io,hwom->hwim", self.qkv1.kernel[...][0, 0], self.qkv2.kernel[...])
+            qkv = conv_nhwc(x, k.astype(x.dtype), padding=1)
         q, k, v = jnp.split(qkv, 3, axis=-1)
         return self.proj(channel_attention(q, k, v, self.scale[...], self.heads))
 

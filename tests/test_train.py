@@ -1,0 +1,293 @@
+"""Training: loss/gradient parity with the reference, schedules, sharding, resume, multi-host.
+
+Model compiles dominate the cost here, so every training run uses the same tiny shapes
+(16x16 patches, global batch 2) and the persistent compilation cache set in conftest.py.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from train.configs import smoke
+from train.step import clip_grad_norm, learning_rates
+
+REPO = Path(__file__).resolve().parents[1]
+LOSS_RTOL = 1e-4
+GRAD_RTOL = 1e-3
+
+
+# --------------------------------------------------------------------------- loss parity
+@pytest.fixture(scope="module")
+def reference_losses(shared_dir):
+    return json.loads((shared_dir / "fixtures/parity/reference_losses.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def our_losses(shared_dir):
+    import jax
+    import optax
+    from convert.keymap import SUBMODEL_KEYS
+    from smfnet_jax.checkpoint import load_pth_model
+    from train.configs.msrs import get_config
+    from train.step import make_loss_fn, split_model
+    cfg = get_config()
+    with np.load(shared_dir / "fixtures/parity/reference.npz") as z:
+        vi, ir = z["vi"].transpose(0, 2, 3, 1), z["ir"].transpose(0, 2, 3, 1)
+    out = {}
+    for phase in (1, 2):
+        model = load_pth_model(shared_dir / "fixtures/parity/smfnet_random_init.pth").model
+        graphdef, params, stats = split_model(model)
+        fn = jax.jit(jax.value_and_grad(make_loss_fn(graphdef, phase, cfg), has_aux=True))
+        (_, (terms, _)), grads = fn(params, stats, vi, ir)
+        norms = {torch_name: float(optax.global_norm(grads[ours]))
+                 for torch_name, ours in SUBMODEL_KEYS.items()}
+        out[phase] = ({k: float(v) for k, v in terms.items()}, norms)
+    return out
+
+
+@pytest.mark.parametrize("phase", [1, 2])
+def test_loss_terms_match_reference(phase, our_losses, reference_losses):
+    terms, _ = our_losses[phase]
+    names = [k for k in reference_losses if not k.startswith("grad_norm") and k in terms]
+    assert f"total_phase{phase}" in names and len(names) >= 6
+    for name in names:
+        ref = reference_losses[name]
+        assert abs(terms[name] - ref) <= LOSS_RTOL * max(abs(ref), 1e-12) or (ref == 0 and terms[name] == 0), \
+            f"{name}: ours {terms[name]!r} vs reference {ref!r}"
+
+
+@pytest.mark.parametrize("phase", [1, 2])
+def test_gradient_norms_match_reference(phase, our_losses, reference_losses):
+    _, norms = our_losses[phase]
+    ref = reference_losses[f"grad_norm_phase{phase}"]
+    for sub, value in ref.items():
+        assert abs(norms[sub] - value) <= GRAD_RTOL * value, f"{sub}: {norms[sub]} vs {value}"
+    if phase == 1:  # the fusion layers are not in the phase-I graph at all
+        assert norms["BaseFuseLayer"] == 0.0 and norms["DetailFuseLayer"] == 0.0
+
+
+# --------------------------------------------------------------------------- optimiser pieces
+def test_learning_rate_schedule_as_reference():
+    from train.configs.msrs import get_config
+    cfg = get_config()
+    lr = learning_rates
+    assert lr(0, cfg)["encoder"] == 1e-4 and lr(19, cfg)["graph"] == 1e-4
+    assert lr(20, cfg)["decoder"] == 5e-5
+    assert lr(39, cfg)["base_fuse"] == 1e-4          # fusion schedulers idle in phase I
+    assert lr(40, cfg)["encoder"] == 2.5e-5 and lr(40, cfg)["detail_fuse"] == 1e-4
+    assert lr(60, cfg)["base_fuse"] == 5e-5 and lr(60, cfg)["encoder"] == 1.25e-5
+    assert math.isclose(lr(119, cfg)["encoder"], 1e-4 / 32)
+    cfg.lr_min = 2e-5
+    assert lr(119, cfg)["encoder"] == 2e-5          # floored like the reference's manual clamp
+
+
+def test_clip_grad_norm_is_torch_formula():
+    import jax.numpy as jnp
+    g = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([0.0])}
+    clipped, norm = clip_grad_norm(g, 0.01)
+    assert float(norm) == pytest.approx(5.0)
+    assert np.allclose(clipped["a"], np.array([3.0, 4.0]) * 0.01 / (5.0 + 1e-6), rtol=1e-7)
+    small, _ = clip_grad_norm(g, 100.0)
+    assert np.array_equal(small["a"], g["a"])        # never scaled up
+
+
+# --------------------------------------------------------------------------- tiny training runs
+def tiny_overrides(h5: Path) -> list[str]:
+    return [f"--config.data.h5={h5}", "--config.batch_size=2", "--config.steps_per_epoch=2",
+            "--config.num_epochs=2", "--config.phase1_epochs=1", "--config.checkpoint_every_steps=2",
+            "--config.log_every_steps=1", "--config.sample_every_epochs=1", "--config.progress=False",
+            "--config.lr=1e-3"]
+
+
+@pytest.fixture(scope="session")
+def tiny_h5(tmp_path_factory):
+    from train.data import write_synthetic_h5
+    return write_synthetic_h5(tmp_path_factory.mktemp("h5") / "tiny.h5", n=8, size=16, seed=3)
+
+
+def run_train(workdir: Path, extra: list[str], timeout: int = 900, env: dict | None = None):
+    cmd = [sys.executable, "-m", "train.main", "--config", "smoke.py", "--workdir", str(workdir), *extra]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def read_metrics(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def load_state(workdir: Path) -> dict:
+    """Every array of the latest checkpoint (model, optimizer) as numpy, by path."""
+    import jax
+    import orbax.checkpoint as ocp
+    with ocp.CheckpointManager(workdir / "checkpoints") as mngr:
+        step = mngr.latest_step()
+        restored = mngr.restore(step, args=ocp.args.Composite(
+            model=ocp.args.StandardRestore(), opt=ocp.args.StandardRestore()))
+    flat = jax.tree_util.tree_flatten_with_path({"model": restored["model"], "opt": restored["opt"]})[0]
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in flat} | {"step": step}
+
+
+@pytest.fixture(scope="session")
+def full_run(tiny_h5, tmp_path_factory):
+    """4 steps (2 of phase I, 2 of phase II) uninterrupted."""
+    workdir = tmp_path_factory.mktemp("full")
+    r = run_train(workdir, tiny_overrides(tiny_h5))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return workdir
+
+
+def test_training_cli_writes_logs_checkpoints_samples(full_run, tmp_path):
+    rows = read_metrics(full_run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["phase"] for r in rows] == [1, 1, 2, 2]
+    for r in rows:
+        assert {"loss", "lr/encoder", "grad_norm/encoder", "grad_norm/graph", "param_norm/decoder"} <= set(r)
+        assert all(math.isfinite(v) for v in r.values())
+    assert "ssim_loss_vi" in rows[0] and "fusion_intensity" in rows[2]
+    assert "grad_norm/base_fuse" not in rows[0] and "grad_norm/base_fuse" in rows[2]
+    assert sorted(p.name for p in (full_run / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
+    assert any((full_run / "tensorboard").iterdir())
+    assert sorted(p.name for p in (full_run / "samples").iterdir()) == ["epoch_0001.png", "epoch_0002.png"]
+    # the workdir is a checkpoint for fusion
+    from smfnet_jax.checkpoint import load_checkpoint
+    assert load_checkpoint(full_run).step == 4
+
+
+def test_resume_follows_the_uninterrupted_run(full_run, tiny_h5, tmp_path):
+    workdir = tmp_path / "resumed"
+    first = run_train(workdir, tiny_overrides(tiny_h5) + ["--config.max_steps=2"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_train(workdir, tiny_overrides(tiny_h5))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stderr
+    a, b = load_state(full_run), load_state(workdir)
+    assert a["step"] == b["step"] == 4
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    # same data order and the same loss trajectory
+    la = [r["loss"] for r in read_metrics(full_run)]
+    lb = [r["loss"] for r in read_metrics(workdir)]
+    assert la == lb
+
+
+def test_missing_dataset_explains_how_to_get_msrs(tmp_path):
+    r = run_train(tmp_path / "w", ["--config.data.h5=/nonexistent/msrs.h5", "--config.progress=False"],
+                  timeout=300)
+    assert r.returncode == 2
+    assert "MSRS" in r.stderr and "train.prepare" in r.stderr
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_h5, tmp_path):
+    """The loop's guard, with the jitted step replaced by one that returns a NaN loss."""
+    from ml_collections import config_dict
+    from train.trainer import Trainer, TrainingError
+    cfg = smoke.get_config()
+    cfg.data.h5 = str(tiny_h5)
+    cfg.steps_per_epoch, cfg.checkpoint_every_steps, cfg.log_every_steps = 2, 1, 1
+    cfg.progress = False
+    cfg = config_dict.FrozenConfigDict(cfg)
+    trainer = Trainer(cfg, tmp_path)
+    calls = []
+
+    def fake_step(state, vi, ir, lrs):
+        calls.append(1)
+        return state, {"loss": np.float32(1.0 if len(calls) == 1 else np.nan)}
+
+    trainer.steps = {1: fake_step, 2: fake_step}
+    with pytest.raises(TrainingError, match="non-finite loss at step 2"):
+        trainer.run(progress=False)
+    assert trainer.ckpt.latest_step() == 1
+
+
+# --------------------------------------------------------------------------- data parallel
+SHARDED_SCRIPT = textwrap.dedent("""
+    import json, jax, numpy as np
+    assert jax.device_count() == 4, jax.devices()
+    from train.configs import smoke
+    from train.data import SyntheticPairs
+    from train.step import init_train_state, jit_train_step
+    from train.trainer import make_mesh, _replicate
+    from smfnet_jax.model import create_model
+    cfg = smoke.get_config()
+    src = SyntheticPairs(4, 16, seed=5)
+    vi = np.stack([src[i]["vi"] for i in range(4)]); ir = np.stack([src[i]["ir"] for i in range(4)])
+    lrs = {k: np.float32(1e-3) for k in ("encoder", "decoder", "graph", "base_fuse", "detail_fuse")}
+    graphdef, state = init_train_state(create_model(0), cfg)
+    single, m1 = jit_train_step(graphdef, 2, cfg)(jax.device_put(state, jax.devices()[0]), vi, ir, lrs)
+    mesh = make_mesh()
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    batch = NamedSharding(mesh, P("data"))
+    graphdef, state = init_train_state(create_model(0), cfg)
+    sharded, m4 = jit_train_step(graphdef, 2, cfg, mesh)(
+        _replicate(state, mesh), jax.device_put(vi, batch), jax.device_put(ir, batch), lrs)
+    assert len(sharded["params"]["encoder"]["patch_embed"]["kernel"].sharding.device_set) == 4
+    worst = 0.0
+    for a, b in zip(jax.tree.leaves((single, m1)), jax.tree.leaves((sharded, m4))):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        worst = max(worst, float(np.max(np.abs(a - b)) / max(1.0, float(np.max(np.abs(a))))))
+    print(json.dumps({"worst": worst, "loss": float(m1["loss"])}))
+""")
+
+
+def test_sharded_step_equals_single_device_step():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], cwd=REPO, capture_output=True,
+                       text=True, timeout=900, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert math.isfinite(result["loss"])
+    assert result["worst"] <= 1e-5, result
+
+
+# --------------------------------------------------------------------------- multi-host
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one(full_run, tiny_h5, tmp_path):
+    """2 processes joined over loopback (gloo CPU collectives) == the 1-process run."""
+    workdir = tmp_path / "multi"
+    port = _free_port()
+    procs = []
+    try:
+        for pid in range(2):
+            cmd = [sys.executable, "-m", "train.main", "--config", "smoke.py", "--workdir", str(workdir),
+                   *tiny_overrides(tiny_h5),
+                   f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                   "--config.distributed.num_processes=2", f"--config.distributed.process_id={pid}"]
+            procs.append(subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True, start_new_session=True,
+                                          env={**os.environ, "JAX_PLATFORMS": "cpu"}))
+        outs = [p.communicate(timeout=900) for p in procs]
+    finally:
+        for p in procs:  # never leave a process behind, whatever happened
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    multi, single = load_state(workdir), load_state(full_run)
+    assert multi["step"] == single["step"] == 4
+    worst = 0.0
+    for key in single:
+        if key == "step":
+            continue
+        a, b = single[key].astype(np.float64), multi[key].astype(np.float64)
+        worst = max(worst, float(np.max(np.abs(a - b), initial=0.0) / max(1.0, float(np.max(np.abs(a), initial=0.0)))))
+    assert worst <= 1e-5, worst
+    # the checkpoint the two processes wrote restores in this single process
+    from smfnet_jax.checkpoint import load_checkpoint
+    assert load_checkpoint(workdir).step == 4
