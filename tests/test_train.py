@@ -115,10 +115,17 @@ def tiny_h5(tmp_path_factory):
     return write_synthetic_h5(tmp_path_factory.mktemp("h5") / "tiny.h5", n=8, size=16, seed=3)
 
 
+# Single-process runs use 2 CPU devices: the same partitioned program as the 2-process run,
+# whose reductions then add the same partial sums. Against a 1-device run, float rounding in
+# near-zero gradients is amplified by Adam's first steps (update ~ lr * g / (|g| + eps)) to
+# ~1e-3 after 4 steps at lr 1e-3, so only step 1 is compared with that run.
+TWO_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+
+
 def run_train(workdir: Path, extra: list[str], timeout: int = 900, env: dict | None = None):
     cmd = [sys.executable, "-m", "train.main", "--config", "smoke.py", "--workdir", str(workdir), *extra]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+                          env={**os.environ, **TWO_DEVICES, **(env or {})})
 
 
 def read_metrics(workdir: Path) -> list[dict]:
@@ -258,7 +265,11 @@ def _free_port() -> int:
 
 
 def test_two_processes_train_like_one(full_run, tiny_h5, tmp_path):
-    """2 processes joined over loopback (gloo CPU collectives) == the 1-process run."""
+    """2 processes joined over loopback (gloo CPU collectives) == the 1-process run.
+
+    Each process has one CPU device and reads only its half of every global batch; the
+    1-process run (`full_run`) has two devices and reads whole batches.
+    """
     workdir = tmp_path / "multi"
     port = _free_port()
     procs = []
@@ -270,7 +281,8 @@ def test_two_processes_train_like_one(full_run, tiny_h5, tmp_path):
                    "--config.distributed.num_processes=2", f"--config.distributed.process_id={pid}"]
             procs.append(subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                           text=True, start_new_session=True,
-                                          env={**os.environ, "JAX_PLATFORMS": "cpu"}))
+                                          env={**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
+                                               "JAX_PLATFORMS": "cpu"}))
         outs = [p.communicate(timeout=900) for p in procs]
     finally:
         for p in procs:  # never leave a process behind, whatever happened
@@ -288,6 +300,8 @@ def test_two_processes_train_like_one(full_run, tiny_h5, tmp_path):
         a, b = single[key].astype(np.float64), multi[key].astype(np.float64)
         worst = max(worst, float(np.max(np.abs(a - b), initial=0.0) / max(1.0, float(np.max(np.abs(a), initial=0.0)))))
     assert worst <= 1e-5, worst
+    assert [r["loss"] for r in read_metrics(workdir)] == pytest.approx(
+        [r["loss"] for r in read_metrics(full_run)], rel=1e-5)
     # the checkpoint the two processes wrote restores in this single process
     from smfnet_jax.checkpoint import load_checkpoint
     assert load_checkpoint(workdir).step == 4
