@@ -45,14 +45,21 @@ EXIT_SOME_FAILED = 1
 EXIT_USAGE = 2
 
 
-def load_fuser(ckpt):
+def load_fuser(ckpt, **kwargs):
     """Load the model (seam for tests: they replace this with a tiny numpy fuser).
 
     Imported lazily so that ``--help`` and argument errors do not pay for importing JAX.
     """
     from smfnet_jax.api import load_fuser as _load_fuser
 
-    return _load_fuser(ckpt)
+    return _load_fuser(ckpt, **kwargs)
+
+
+def tiled(fuser: Callable, tile: int, overlap: int) -> Callable:
+    """The fuser applied to overlapping tile x tile tiles, blended (bounded memory)."""
+    from smfnet_jax.inference import fuse_tiled
+
+    return lambda ir, vi: fuse_tiled(fuser, ir, vi, tile=tile, overlap=overlap)
 
 
 # ----------------------------------------------------------------------------- pairing
@@ -206,6 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after fusing, compute the fusion metrics on the outputs and print a table")
     p.add_argument("--ssim-range", type=float, default=255.0,
                    help="data range given to SSIM by --evaluate (default: 255, as the reference)")
+    p.add_argument("--tile", type=int, default=0, metavar="SIZE",
+                   help="fuse in overlapping SIZE x SIZE tiles (images larger than memory allows; "
+                        "changes the result slightly, see the README); default: whole images")
+    p.add_argument("--overlap", type=int, default=32, metavar="PX",
+                   help="minimum overlap of neighbouring tiles with --tile (default: 32)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="compute dtype; bfloat16 is meant for GPU/TPU (slow on CPU)")
     return p
 
 
@@ -222,6 +236,8 @@ def check_folders(args) -> str | None:
             return f"--out is the same folder as {flag} ({folder}): refusing to write among the inputs"
     if not (args.ckpt.is_dir() or args.ckpt.is_file()):
         return f"--ckpt {args.ckpt} does not exist"
+    if args.tile and (args.tile < 16 or not 0 <= args.overlap < args.tile // 2):
+        return f"--tile {args.tile} --overlap {args.overlap}: need tile >= 16 and 0 <= overlap < tile/2"
     return None
 
 
@@ -241,8 +257,10 @@ def run(args, fuser: Callable | None = None) -> int:
 
     if pairs and fuser is None:
         t0 = time.perf_counter()
-        fuser = load_fuser(args.ckpt)
+        fuser = load_fuser(args.ckpt) if args.dtype == "float32" else load_fuser(args.ckpt, dtype=args.dtype)
         print(f"loaded {args.ckpt} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    if pairs and args.tile:
+        fuser = tiled(fuser, args.tile, args.overlap)
 
     fused_names, times = [], []
     bar = tqdm(pairs, desc="fusing", unit="pair", file=sys.stderr, dynamic_ncols=True)

@@ -4,7 +4,9 @@
     fuser = load_fuser("models/model_VIF.pth")      # or a converted dir / training workdir
     fused = fuser(ir, vi)   # float32 HxW arrays in [0, 1] -> raw sigmoid output, HxW float32
 
-The jitted function is compiled once per input shape and reused for every pair of that size.
+The jitted function is compiled once per input shape and reused for every pair of that size;
+`load_fuser` also turns on the persistent compilation cache, so a new process reuses it.
+Images too large for memory: `smfnet_jax.inference.fuse_tiled(fuser, ir, vi, tile, overlap)`.
 """
 from __future__ import annotations
 
@@ -17,28 +19,54 @@ import numpy as np
 from flax import nnx
 
 from smfnet_jax.checkpoint import Loaded, load_checkpoint
+from smfnet_jax.inference import configure_xla_cpu, enable_compilation_cache, fold_for_inference
 from smfnet_jax.model import SMFNet
 
 
 class Fuser:
-    """Fuses (ir, vi) pairs with an SMFNet in eval mode (BatchNorm running statistics)."""
+    """Fuses (ir, vi) pairs with an SMFNet in eval mode (BatchNorm running statistics).
 
-    def __init__(self, model: SMFNet, *, dtype=jnp.float32):
-        model.eval()
+    fold: apply `fold_for_inference` (exact up to float rounding; on by default).
+    dtype: compute dtype. `jnp.bfloat16` casts the parameters to bf16 once and computes in
+    bf16 (meant for GPU/TPU; slow on CPU); the output is always float32.
+    The model passed in is not modified.
+    """
+
+    def __init__(self, model: SMFNet, *, dtype=jnp.float32, fold: bool = True):
+        model = fold_for_inference(model) if fold else _eval_copy(model)
         graphdef, state = nnx.split(model)
         self.dtype = jnp.dtype(dtype)
+        self.folded = fold
         compute = self.dtype
+        if compute != jnp.float32:
+            state = jax.tree.map(
+                lambda x: x.astype(compute) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
 
         def fuse(state, ir, vi):
             m = nnx.merge(graphdef, state)
-            if compute != jnp.float32:
-                state_c = jax.tree.map(lambda x: x.astype(compute) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
-                m = nnx.merge(graphdef, state_c)
             out = m(vi[None, :, :, None].astype(compute), ir[None, :, :, None].astype(compute))
             return out[0, :, :, 0].astype(jnp.float32)
 
         self._state = state
+        self.model = model  # the (folded) eval-mode model the program was built from
         self._fuse = jax.jit(fuse)
+
+    def lower(self, height: int, width: int):
+        """The jitted fusion lowered for one HxW shape (`.compile()` it; for benchmarks)."""
+        spec = jax.ShapeDtypeStruct((height, width), jnp.float32)
+        return self._fuse.lower(self._state, spec, spec)
+
+    def compile(self, height: int, width: int):
+        """Compile for one HxW shape ahead of time; returns `fn(ir, vi) -> HxW float32 numpy`
+        and keeps the compiled executable (`fn.compiled`, e.g. for `.cost_analysis()`)."""
+        compiled = self.lower(height, width).compile()
+        state = self._state
+
+        def fn(ir, vi):
+            return np.asarray(compiled(state, np.asarray(ir, np.float32), np.asarray(vi, np.float32)))
+
+        fn.compiled = compiled
+        return fn
 
     def fuse_device(self, ir: jax.Array, vi: jax.Array) -> jax.Array:
         return self._fuse(self._state, ir, vi)
@@ -51,7 +79,22 @@ class Fuser:
         return np.asarray(self._fuse(self._state, ir, vi))
 
 
-def load_fuser(ckpt: str | os.PathLike, **kwargs) -> Fuser:
-    """A `Fuser` from a reference `.pth`, a converted orbax directory, or a training workdir."""
+def _eval_copy(model: SMFNet) -> SMFNet:
+    model = nnx.clone(model)
+    model.eval()
+    return model
+
+
+def load_fuser(ckpt: str | os.PathLike, *, cache: bool = True, **kwargs) -> Fuser:
+    """A `Fuser` from a reference `.pth`, a converted orbax directory, or a training workdir.
+
+    cache: enable the persistent compilation cache (`enable_compilation_cache`; location
+    from $SMFNET_JAX_CACHE, default ~/.cache/smfnet_jax/xla, SMFNET_JAX_CACHE=off disables).
+    Other keyword arguments go to `Fuser` (dtype, fold). Called before any JAX computation
+    in the process, it also sets the memory-saving XLA:CPU flags (`configure_xla_cpu`).
+    """
+    configure_xla_cpu()
+    if cache:
+        enable_compilation_cache()
     loaded: Loaded = load_checkpoint(Path(ckpt))
     return Fuser(loaded.model, **kwargs)

@@ -8,6 +8,7 @@ momentum 0.1 and the *unbiased* batch variance while normalising with the biased
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Callable
 
 import jax
@@ -52,10 +53,52 @@ def normal_init(std: float) -> Callable:
 def conv_nhwc(x: Array, kernel: Array, *, padding: int = 0, dilation: int = 1,
               groups: int = 1) -> Array:
     """Stride-1 convolution of NHWC input with an HWIO kernel and symmetric zero padding."""
+    if padding:
+        x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    if groups == 1:
+        return conv_valid(x, kernel, dilation)
+    return _xla_conv(x, kernel, dilation, groups)
+
+
+def _xla_conv(x: Array, kernel: Array, dilation: int, groups: int = 1) -> Array:
     return jax.lax.conv_general_dilated(
-        x, kernel, window_strides=(1, 1), padding=((padding, padding), (padding, padding)),
-        rhs_dilation=(dilation, dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=groups)
+        x, kernel, window_strides=(1, 1), padding="VALID", rhs_dilation=(dilation, dilation),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv_valid(x: Array, kernel: Array, dilation: int = 1) -> Array:
+    """Dense stride-1 'valid' convolution with a hand-written backward pass.
+
+    XLA:CPU's derivative of a convolution is another convolution whose kernel-gradient form
+    runs ~17x slower than the forward (measured: 2.6 s vs 0.16 s for a 3x3 64->192 conv at
+    4x96x96). Written out, the input gradient is a forward convolution of the padded
+    cotangent with the flipped, transposed kernel, and the kernel gradient is one matmul
+    per tap; both run at forward speed.
+    """
+    return _xla_conv(x, kernel, dilation)
+
+
+def _conv_fwd(x, kernel, dilation):
+    return _xla_conv(x, kernel, dilation), (x, kernel)
+
+
+def _conv_bwd(dilation, residuals, g):
+    x, kernel = residuals
+    kh, kw = kernel.shape[:2]
+    ph, pw = dilation * (kh - 1), dilation * (kw - 1)
+    gp = jnp.pad(g, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+    dx = _xla_conv(gp, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2), dilation)
+    h, w = g.shape[1], g.shape[2]
+    taps = [[jnp.einsum("nhwi,nhwo->io",
+                        x[:, i * dilation:i * dilation + h, j * dilation:j * dilation + w, :], g,
+                        preferred_element_type=jnp.float32)
+             for j in range(kw)] for i in range(kh)]
+    dk = jnp.stack([jnp.stack(row) for row in taps])
+    return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+conv_valid.defvjp(_conv_fwd, _conv_bwd)
 
 
 class Conv2d(nnx.Module):
@@ -91,8 +134,10 @@ class Conv2d(nnx.Module):
             y = jnp.einsum("nhwc,cd->nhwd", x, kernel[0, 0])
         elif self.groups == x.shape[-1] and cin_g == 1 and cout == self.groups:
             y = self._depthwise(x, kernel)
+        elif self.groups == 1:
+            y = conv_valid(self._pad(x), kernel, self.dilation)
         else:
-            y = conv_nhwc(self._pad(x), kernel, dilation=self.dilation, groups=self.groups)
+            y = _xla_conv(self._pad(x), kernel, self.dilation, self.groups)
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         return y
@@ -105,21 +150,54 @@ class Conv2d(nnx.Module):
         return jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)), mode=mode)
 
     def _depthwise(self, x: Array, kernel: Array) -> Array:
-        """Depthwise conv as a sum of shifted, per-channel-scaled copies.
+        return depthwise_valid(self._pad(x), kernel[:, :, 0, :], self.dilation)
 
-        XLA:CPU lowers feature_group_count == channels convolutions to a slow generic loop
-        (7x slower forward, 3x backward, measured); this form fuses into one pass.
-        """
-        xp = self._pad(x)
-        h = xp.shape[1] - self.dilation * (kernel.shape[0] - 1)
-        w = xp.shape[2] - self.dilation * (kernel.shape[1] - 1)
-        out = None
-        for i in range(kernel.shape[0]):
-            for j in range(kernel.shape[1]):
-                di, dj = i * self.dilation, j * self.dilation
-                term = xp[:, di:di + h, dj:dj + w, :] * kernel[i, j, 0]
-                out = term if out is None else out + term
-        return out
+
+def _shift_sum(xp: Array, k: Array, dilation: int) -> Array:
+    """sum_{i,j} xp[:, i*d : i*d + h, j*d : j*d + w, :] * k[i, j]: a 'valid' depthwise conv."""
+    kh, kw, _ = k.shape
+    h = xp.shape[1] - dilation * (kh - 1)
+    w = xp.shape[2] - dilation * (kw - 1)
+    out = None
+    for i in range(kh):
+        for j in range(kw):
+            term = xp[:, i * dilation:i * dilation + h, j * dilation:j * dilation + w, :] * k[i, j]
+            out = term if out is None else out + term
+    return out
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def depthwise_valid(xp: Array, k: Array, dilation: int = 1) -> Array:
+    """Depthwise 'valid' convolution (k: (kh, kw, C)) as a sum of shifted, scaled copies.
+
+    XLA:CPU lowers feature_group_count == channels convolutions to a slow generic loop
+    (7x slower forward, 3x backward, measured); the shifted form fuses into one pass. Its
+    automatic derivative would materialise one padded buffer per tap, so the backward is
+    written out: the input gradient is the same shifted sum over the padded cotangent with
+    the flipped kernel, the kernel gradient nine fused reductions.
+    """
+    return _shift_sum(xp, k, dilation)
+
+
+def _depthwise_fwd(xp, k, dilation):
+    return _shift_sum(xp, k, dilation), (xp, k)
+
+
+def _depthwise_bwd(dilation, residuals, g):
+    xp, k = residuals
+    kh, kw, _ = k.shape
+    ph, pw = dilation * (kh - 1), dilation * (kw - 1)
+    gp = jnp.pad(g, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+    dxp = _shift_sum(gp, k[::-1, ::-1], dilation)
+    h, w = g.shape[1], g.shape[2]
+    dk = jnp.stack([
+        jnp.stack([jnp.sum(xp[:, i * dilation:i * dilation + h, j * dilation:j * dilation + w, :] * g,
+                           axis=(0, 1, 2)) for j in range(kw)])
+        for i in range(kh)])
+    return dxp.astype(xp.dtype), dk.astype(k.dtype)
+
+
+depthwise_valid.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
 class LayerNorm(nnx.Module):

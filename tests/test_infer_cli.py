@@ -246,3 +246,24 @@ def test_real_files(shared_dir, tmp_path, use_fuser):
     for name, (mode, src) in expect.items():
         with Image.open(out / f"{name}.png") as im, Image.open(src) as s:
             assert (im.mode, im.size) == (mode, s.size)
+
+
+def test_tiles_with_a_per_pixel_fuser_equal_whole_image(dirs, use_fuser):
+    """--tile routes every pair through fuse_tiled; a per-pixel fuser makes tiling exact."""
+    ir, vi, out, ckpt = dirs
+    rng = np.random.default_rng(5)
+    _save(ir / "t.png", rng.integers(0, 256, (70, 45), dtype=np.uint8))
+    _save(vi / "t.png", rng.integers(0, 256, (70, 45), dtype=np.uint8))
+    calls = []
+
+    def fuser(a, b):
+        calls.append(a.shape)
+        return _fuser_max(a, b)
+
+    use_fuser(fuser)
+    assert cli.main(_args(ir, vi, out, ckpt, "--save-npy", "--tile", "32", "--overlap", "8")) == 0
+    assert len(calls) > 1 and set(calls) == {(32, 32)}
+    whole = out.parent / "whole"
+    assert cli.main(_args(ir, vi, whole, ckpt, "--save-npy")) == 0
+    np.testing.assert_allclose(np.load(out / "t.npy"), np.load(whole / "t.npy"), rtol=0, atol=1e-6)
+    assert cli.main(_args(ir, vi, out, ckpt, "--tile", "32", "--overlap", "20")) == 2

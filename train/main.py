@@ -69,6 +69,8 @@ def run(cfg, workdir: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from smfnet_jax.inference import configure_xla_cpu
+    configure_xla_cpu()  # memory-optimised XLA:CPU scheduler; must precede any JAX work
     from absl import app
     argv = resolve_config_arg(list(sys.argv if argv is None else argv))
     flags = _define_flags()
