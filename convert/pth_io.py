@@ -34,13 +34,14 @@ import math
 import os
 import pickle
 import pickletools
-import secrets
 import struct
 import zipfile
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
+
+from smfnet_jax.fileio import atomic_write
 
 __all__ = [
     "ALLOWED_GLOBALS",
@@ -754,19 +755,4 @@ def save_pth(path: str | os.PathLike, obj: dict, *, archive_name: str | None = N
          "".join(secrets.choice("0123456789") for _ in range(40)).encode("ascii")),
     ]
 
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
-    # O_EXCL: never reuse someone else's file; mode 0o666 lets the umask decide, like open()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            _write_zip(fh, records)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write(path, lambda fh: _write_zip(fh, records))

@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from smfnet_jax.fileio import atomic_write_json
+
 KEYS = ("compile_s", "seconds_per_pair", "pixels_per_s", "gflops", "peak_rss_mb")
 
 
@@ -207,13 +209,6 @@ def format_table(results: dict) -> str:
     return "\n".join(rows)
 
 
-def write_json_atomic(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.repeats < 1:
@@ -250,7 +245,7 @@ def main(argv=None) -> int:
         print(f"device: {r0['device']} ({r0['platform']}, {r0['cpu_count']} CPUs), dtype {r0['dtype']}, "
               f"folded={r0['folded']}, FLOPs from {r0['flops_source']}, cache {r0['cache_dir']}")
     if args.json:
-        write_json_atomic(args.json, results)
+        atomic_write_json(args.json, results)
     return 1 if failed else 0
 
 

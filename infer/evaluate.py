@@ -16,17 +16,16 @@ exit status is then 1.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import re
 import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from smfnet_jax.fileio import atomic_write_json
 from tqdm import tqdm
 
 from smfnet_jax.imageio import IMAGE_EXTENSIONS, read_gray
@@ -196,23 +195,8 @@ def results_to_json(results: Results) -> dict:
 
 
 def write_json_atomic(path, doc: dict) -> Path:
-    """Write JSON through a temporary file in the same folder, then rename it into place."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=2, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    """Write the metrics JSON atomically (NaN written as null by results_to_json)."""
+    return atomic_write_json(path, doc, allow_nan=False)
 
 
 def _ssim_range(text: str) -> float:

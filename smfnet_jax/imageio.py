@@ -28,12 +28,12 @@ saturated to 0..255 and NaN becomes 0 (see :func:`float_to_uint8`).
 """
 from __future__ import annotations
 
-import os
-import secrets
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from smfnet_jax.fileio import atomic_write
 
 __all__ = [
     "ImageReadError",
@@ -229,35 +229,6 @@ def float_to_uint8(x: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- writing
 
-def _atomic_write(path, write_to_fileobj) -> Path:
-    """Write through a temporary file in the target folder, then rename it into place.
-
-    A crash or error leaves either the old file or no file, never a partial one.
-    """
-    path = Path(path)
-    # Not tempfile.mkstemp: its 0600 mode would stick to the output; this respects the umask.
-    while True:
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-            break
-        except FileExistsError:
-            continue
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write_to_fileobj(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
-
-
 def write_png(path, image: np.ndarray) -> Path:
     """Atomically write an HxW (grey) or HxWx3 (RGB) uint8 array as a PNG."""
     image = np.asarray(image)
@@ -269,10 +240,10 @@ def write_png(path, image: np.ndarray) -> Path:
         pil = Image.fromarray(image)
     else:
         raise ValueError(f"write_png expects HxW or HxWx3, got shape {image.shape}")
-    return _atomic_write(path, lambda f: pil.save(f, format="PNG"))
+    return atomic_write(path, lambda f: pil.save(f, format="PNG"))
 
 
 def write_npy(path, array: np.ndarray) -> Path:
     """Atomically write an array as a .npy file."""
     array = np.asarray(array)
-    return _atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
+    return atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))

@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import threading
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -68,6 +67,8 @@ from typing import Protocol, Sequence
 import grain
 import h5py
 import numpy as np
+
+from smfnet_jax.fileio import atomic_path
 
 IR_GROUP = "ir_patchs"
 VI_GROUP = "vis_patchs"
@@ -268,24 +269,12 @@ class SyntheticPairs:
 def write_pairs_h5(path: str | os.PathLike, source: PairSource) -> Path:
     """Write all records of `source` to `path` in the prepared format (atomically)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as f:
-            g_ir, g_vi = f.create_group(IR_GROUP), f.create_group(VI_GROUP)
-            for i in range(len(source)):
-                rec = source[i]
-                g_ir.create_dataset(str(i), data=np.asarray(rec["ir"], np.float32)[None, :, :, 0])
-                g_vi.create_dataset(str(i), data=np.asarray(rec["vi"], np.float32)[None, :, :, 0])
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        g_ir, g_vi = f.create_group(IR_GROUP), f.create_group(VI_GROUP)
+        for i in range(len(source)):
+            rec = source[i]
+            g_ir.create_dataset(str(i), data=np.asarray(rec["ir"], np.float32)[None, :, :, 0])
+            g_vi.create_dataset(str(i), data=np.asarray(rec["vi"], np.float32)[None, :, :, 0])
     return path
 
 

@@ -36,13 +36,13 @@ import argparse
 import dataclasses
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import h5py
 import numpy as np
 from tqdm import tqdm
 
+from smfnet_jax.fileio import atomic_path
 from smfnet_jax.imageio import ImageReadError, read_image
 
 IR_GROUP = "ir_patchs"
@@ -137,13 +137,6 @@ def low_contrast_mask(patches: np.ndarray, fraction: float = 0.1,
 # ---------------------------------------------------------------------------------------------
 # Folder handling.
 
-def _make_readable(path: str) -> None:
-    """mkstemp creates files as 0600; give the result the usual umask-based mode."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
 def list_images(folder: Path) -> tuple[dict[str, Path], list[tuple[str, str]]]:
     """{stem: path} of the image files at the top level of `folder`, plus duplicate-stem problems."""
     by_stem: dict[str, list[Path]] = {}
@@ -207,10 +200,7 @@ def prepare(src: str | os.PathLike, out: str | os.PathLike, patch: int = 128, st
     if not pairs:
         raise PrepareError(f"no infrared/visible pairs (same file name) found in {src}/ir and {src}/vi")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
+    with atomic_path(out) as tmp_name:  # an interrupted run leaves no file under `out`
         with h5py.File(tmp_name, "w") as f:
             g_ir, g_vi = f.create_group(IR_GROUP), f.create_group(VI_GROUP)
             for stem, ir_path, vi_path in tqdm(pairs, desc="pairs", unit="pair", disable=not progress):
@@ -236,12 +226,6 @@ def prepare(src: str | os.PathLike, out: str | os.PathLike, patch: int = 128, st
                 f"no patches written: {report.pairs_used} usable pair(s) of {report.pairs_found}, "
                 f"{report.patches_total} candidate patch(es) of {patch}x{patch} at stride {stride}, "
                 f"{report.patches_low_contrast} dropped as low-contrast")
-        _make_readable(tmp_name)
-        os.replace(tmp_name, out)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.remove(tmp_name)
-        raise
     return report
 
 
