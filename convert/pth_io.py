@@ -34,6 +34,7 @@ import math
 import os
 import pickle
 import pickletools
+import secrets
 import struct
 import zipfile
 from dataclasses import dataclass
