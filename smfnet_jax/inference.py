@@ -23,8 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from smfnet_jax.layers import Conv2d
-from smfnet_jax.model import GR, MDTA, ConvBNReLU, CrossAttention, DenseAttention, GraphModel, SMFNet
+from smfnet_jax.layers import Conv2d, conv_nhwc, depthwise_valid, leaky_relu
+from smfnet_jax.model import (GR, GRDB, MDTA, ConvBNReLU, ConvGRUCell, CrossAttention, DenseAttention,
+                              GraphModel, SMFNet)
 
 CACHE_ENV = "SMFNET_JAX_CACHE"
 _CACHE_OFF = {"", "0", "off", "none", "false", "no"}
@@ -117,26 +118,103 @@ def attention_projected(q: jax.Array, k: jax.Array, v: jax.Array, temperature: j
     return y.reshape(n, h, w, -1)
 
 
+def conv_part(conv: Conv2d, x: jax.Array, out: slice | None = None, inp: slice | None = None,
+              bias: bool = True) -> jax.Array:
+    """`conv` restricted to output channels `out` and (dense convs) input channels `inp`.
+
+    Used to compute the pieces of a conv's output that are split apart anyway (q, k, v), or
+    a conv of a concatenation as a sum of convs of its parts, without materialising the
+    concatenation or the split copies. Same products, summed in a different order: equal
+    up to float rounding. `bias=False` leaves the bias out (for all but one part of a sum).
+    """
+    k = conv.kernel[...]
+    b = conv.bias[...] if (bias and conv.bias is not None) else None
+    if out is not None:
+        k = k[..., out]
+        b = None if b is None else b[out]
+    k = k.astype(x.dtype)
+    if conv.groups > 1:  # depthwise: x is already the matching channel range
+        if k.shape[2] != 1 or inp is not None:
+            raise ValueError("conv_part supports dense and depthwise convs only")
+        y = depthwise_valid(conv._pad(x), k[:, :, 0, :], conv.dilation)
+    else:
+        if inp is not None:
+            k = k[:, :, inp, :]
+        if k.shape[:2] == (1, 1):
+            y = jnp.einsum("nhwc,cd->nhwd", x, k[0, 0])
+        elif conv.pad_mode == "zeros":
+            y = conv_nhwc(x, k, padding=conv.padding, dilation=conv.dilation)
+        else:
+            y = conv_nhwc(conv._pad(x), k, dilation=conv.dilation)
+    return y if b is None else y + b.astype(y.dtype)
+
+
+def _thirds(c: int) -> list[slice]:
+    return [slice(i * c, (i + 1) * c) for i in range(3)]
+
+
 # Inference variants: same attributes and parameters (they are the model's own instances,
 # re-typed by `inference_types`), only __call__ differs.
 class _MDTAInference(MDTA):
+    """q, k and v each through their own slice of the 1x1 and depthwise convs: no 3C tensor
+    and no split copies."""
+
     def __call__(self, x):
-        q, k, v = jnp.split(self.qkv_dw(self.qkv(x)), 3, axis=-1)
+        q, k, v = (conv_part(self.qkv_dw, conv_part(self.qkv, x, out=s), out=s)
+                   for s in _thirds(x.shape[-1]))
         return attention_projected(q, k, v, self.temperature[...], self.heads, self.project_out)
 
 
 class _DenseAttentionInference(DenseAttention):
     def __call__(self, x):
-        qkv = self.qkv_folded(x) if self.qkv_folded is not None else self.qkv2(self.qkv1(x))
-        q, k, v = jnp.split(qkv, 3, axis=-1)
+        c = x.shape[-1]
+        if self.qkv_folded is not None:
+            q, k, v = (conv_part(self.qkv_folded, x, out=s) for s in _thirds(c))
+        else:
+            q, k, v = jnp.split(self.qkv2(self.qkv1(x)), 3, axis=-1)
         return attention_projected(q, k, v, self.scale[...], self.heads, self.proj)
 
 
 class _CrossAttentionInference(CrossAttention):
     def __call__(self, guide, other):
+        c = guide.shape[-1]
         q = self.q_dw(self.q(guide))
-        k, v = jnp.split(self.kv_dw(self.kv(other)), 2, axis=-1)
+        k, v = (conv_part(self.kv_dw, conv_part(self.kv, other, out=s), out=s)
+                for s in _thirds(c)[:2])
         return attention_projected(q, k, v, self.temperature[...], self.heads, self.project_out)
+
+
+class _ConvGRUCellInference(ConvGRUCell):
+    """The GRU's convs of [x, h] and [x, r * h] as sums over the two parts, its gates computed
+    separately: no concatenated or split copies."""
+
+    def __call__(self, x, h):
+        d = h.shape[-1]
+        xs, hs = slice(0, d), slice(d, 2 * d)
+
+        def gate(out):
+            return jax.nn.sigmoid(conv_part(self.gates, x, out, xs)
+                                  + conv_part(self.gates, h, out, hs, bias=False))
+
+        reset, update = gate(slice(0, d)), gate(slice(d, 2 * d))
+        c = jnp.tanh(conv_part(self.candidate, x, None, xs)
+                     + conv_part(self.candidate, reset * h, None, hs, bias=False))
+        return (1 - update) * h + update * c
+
+
+class _GRDBInference(GRDB):
+    """GRDB with its dense-block convs of concatenations written as sums over the parts."""
+
+    def __call__(self, x):
+        c = x.shape[-1]
+        x = leaky_relu(self.conv(x), 0.2)
+        y1 = leaky_relu(self.dense1(x), 0.2)
+        y2 = leaky_relu(conv_part(self.dense2, x, None, slice(0, c))
+                        + conv_part(self.dense2, y1, None, slice(c, 2 * c), bias=False), 0.2)
+        down = (conv_part(self.convdown, x, None, slice(0, c))
+                + conv_part(self.convdown, y1, None, slice(c, 2 * c), bias=False)
+                + conv_part(self.convdown, y2, None, slice(2 * c, 3 * c), bias=False))
+        return leaky_relu(down + self.convup(self.sobel(x)), 0.1)
 
 
 class _SMFNetInference(SMFNet):
@@ -199,19 +277,12 @@ class _GraphModelInference(GraphModel):
 
 def _conv_bn_relu_of_concat(block: ConvBNReLU, parts: list) -> jax.Array:
     """`block(concatenate(parts, -1))` as a sum of per-part convolutions: no concatenated copy."""
-    conv = block.conv
-    k = conv.kernel[...]
     y, start = None, 0
     for part in parts:
         c = part.shape[-1]
-        t = jax.lax.conv_general_dilated(
-            part, k[:, :, start:start + c, :].astype(part.dtype), (1, 1),
-            ((conv.padding, conv.padding),) * 2, rhs_dilation=(conv.dilation, conv.dilation),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        t = conv_part(block.conv, part, None, slice(start, start + c), bias=y is None)
         y = t if y is None else y + t
         start += c
-    if conv.bias is not None:
-        y = y + conv.bias[...].astype(y.dtype)
     return jax.nn.relu(block.bn(y))
 
 
@@ -237,7 +308,8 @@ class _GRInference(GR):
 
 _INFERENCE_TYPES = {MDTA: _MDTAInference, DenseAttention: _DenseAttentionInference,
                     CrossAttention: _CrossAttentionInference, GR: _GRInference,
-                    GraphModel: _GraphModelInference,
+                    GraphModel: _GraphModelInference, ConvGRUCell: _ConvGRUCellInference,
+                    GRDB: _GRDBInference,
                     SMFNet: _SMFNetInference}
 
 

@@ -221,3 +221,24 @@ def test_worker_processes_give_same_stream(synth_h5):
     for a, b in zip(want, got):
         np.testing.assert_array_equal(a["vi"], b["vi"])
         np.testing.assert_array_equal(a["ir"], b["ir"])
+
+
+def test_cropped_pairs_are_aligned_seeded_crops():
+    src = D.SyntheticPairs(4, size=20, seed=3)
+    crops = D.CroppedPairs(src, 8, seed=5)
+    assert len(crops) == 4
+    offsets = set()
+    for i in range(4):
+        full, rec = src[i], crops[i]
+        assert rec["vi"].shape == rec["ir"].shape == (8, 8, 1)
+        # the crop is a window of the record, at the same place in both modalities
+        hits = [(y, x) for y in range(13) for x in range(13)
+                if np.array_equal(full["vi"][y:y + 8, x:x + 8], rec["vi"])
+                and np.array_equal(full["ir"][y:y + 8, x:x + 8], rec["ir"])]
+        assert hits, f"record {i}: crop is not an aligned window"
+        offsets.add(hits[0])
+        np.testing.assert_array_equal(D.CroppedPairs(src, 8, seed=5)[i]["vi"], rec["vi"])
+    assert len(offsets) > 1  # offsets vary with the record
+    assert D.CroppedPairs(src, 20)[1]["vi"].shape == (20, 20, 1)
+    with pytest.raises(ValueError, match="larger than record"):
+        D.CroppedPairs(src, 21)[0]

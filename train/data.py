@@ -11,7 +11,8 @@ when read: a patch with NaN/inf raises `BadPatchError` naming the file and the H
 
 `SyntheticPairs(n, size, seed)` makes deterministic infrared/visible-like pairs in memory with
 the same interface (for the smoke config on a machine without MSRS, and for tests);
-`write_synthetic_h5` stores such a set in the prepared H5 format.
+`write_synthetic_h5` stores such a set in the prepared H5 format. `CroppedPairs(source, size)`
+crops any source's records to a smaller square (seeded per record; the smoke config's option).
 
 Both return records ``{"vi": (H, W, 1) float32, "ir": (H, W, 1) float32}`` (NHWC, values in
 [0, 1]); batches are ``{"vi": (b, H, W, 1), "ir": (b, H, W, 1)}``.
@@ -266,6 +267,39 @@ class SyntheticPairs:
         return f"SyntheticPairs(n={self.n}, size={self.size}, seed={self.seed})"
 
 
+class CroppedPairs:
+    """Square crops of another source's records: record ``i`` is cropped to ``size`` x ``size``
+    at an offset that depends only on ``(seed, i)``, the same for both modalities.
+
+    For quick runs on full-size patches (the smoke config); the reference trains on whole
+    128x128 patches. A crop as large as the patch is the patch itself.
+    """
+
+    def __init__(self, source: PairSource, size: int, seed: int = 0):
+        if size <= 0:
+            raise ValueError(f"crop size must be positive, got {size}")
+        self.source, self.size, self.seed = source, int(size), int(seed)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def key(self, index: int) -> str:
+        return self.source.key(index)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        rec = self.source[index]
+        h, w = rec["vi"].shape[:2]
+        if self.size > min(h, w):
+            raise ValueError(f"crop size {self.size} is larger than record {self.key(index)} "
+                             f"of {self}, which is {h}x{w}")
+        rng = np.random.default_rng([self.seed, int(index), 0x63726F70])  # "crop"
+        y, x = int(rng.integers(0, h - self.size + 1)), int(rng.integers(0, w - self.size + 1))
+        return {k: v[y:y + self.size, x:x + self.size] for k, v in rec.items()}
+
+    def __repr__(self) -> str:
+        return f"CroppedPairs({self.source!r}, size={self.size}, seed={self.seed})"
+
+
 def write_pairs_h5(path: str | os.PathLike, source: PairSource) -> Path:
     """Write all records of `source` to `path` in the prepared format (atomically)."""
     path = Path(path)
@@ -456,7 +490,7 @@ def make_train_iterator(
 
 __all__ = [
     "IR_GROUP", "VI_GROUP", "MSRS_HELP", "MissingDatasetError", "BadPatchError", "PairSource",
-    "H5PairSource", "SyntheticPairs", "synthetic_pair", "write_pairs_h5", "write_synthetic_h5",
+    "H5PairSource", "SyntheticPairs", "CroppedPairs", "synthetic_pair", "write_pairs_h5", "write_synthetic_h5",
     "steps_per_epoch", "GlobalOrder", "make_train_dataset", "make_train_iterator",
 ]
 

@@ -6,6 +6,8 @@
 --config takes a config file; a bare name (msrs.py, smoke.py) is looked up in train/configs/.
 Any field can be overridden with --config.FIELD=VALUE (e.g. --config.batch_size=12).
 A workdir that already holds checkpoints is resumed from its latest step.
+Compiled steps are cached on disk ($SMFNET_JAX_CACHE, default ~/.cache/smfnet_jax/xla; "off"
+disables). absl's --verbosity=0 shows orbax's INFO logs (hidden by default).
 Multi-host: --config.distributed.coordinator_address=HOST:PORT
             --config.distributed.num_processes=N --config.distributed.process_id=I
 """
@@ -79,6 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     result = {"rc": 0}
 
     def _main(_):
+        from absl import logging
+        if not flags["verbosity"].present:
+            # orbax and grain log every save at INFO; keep the console to the progress bar.
+            logging.set_verbosity(logging.WARNING)
+        from smfnet_jax.inference import enable_compilation_cache
+        enable_compilation_cache()  # a rerun (or resume) skips the minute-long compiles
         result["rc"] = run(flags.config, flags.workdir)
 
     try:

@@ -60,10 +60,14 @@ def _global_batch(local: dict, mesh) -> tuple[jax.Array, jax.Array]:
 def open_data(cfg):
     from train import data as data_lib
     if cfg.data.h5:
-        return data_lib.H5PairSource(cfg.data.h5)  # raises MissingDatasetError with MSRS help
-    if cfg.data.synthetic_pairs > 0:
-        return data_lib.SyntheticPairs(cfg.data.synthetic_pairs, cfg.data.synthetic_size, cfg.seed)
-    raise data_lib.MissingDatasetError(data_lib.MSRS_HELP)
+        source = data_lib.H5PairSource(cfg.data.h5)  # raises MissingDatasetError with MSRS help
+    elif cfg.data.synthetic_pairs > 0:
+        source = data_lib.SyntheticPairs(cfg.data.synthetic_pairs, cfg.data.synthetic_size, cfg.seed)
+    else:
+        raise data_lib.MissingDatasetError(data_lib.MSRS_HELP)
+    if cfg.data.get("crop_size", 0) > 0:
+        source = data_lib.CroppedPairs(source, cfg.data.crop_size, cfg.seed)
+    return source
 
 
 def merge_trees(a: dict, b: dict) -> dict:

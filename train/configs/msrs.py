@@ -14,6 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.synthetic_pairs = 0     # >0: train on that many synthetic pairs instead of an H5
     c.data.synthetic_size = 128
     c.data.worker_count = 0        # grain worker processes (0: read in the main process)
+    c.data.crop_size = 0           # >0: train on seeded square crops of this size (smoke runs)
 
     c.batch_size = 6               # global batch, split over all devices of all processes
     c.num_epochs = 120

@@ -9,14 +9,15 @@ from train.configs import msrs
 def get_config():
     c = msrs.get_config()
     c.data.synthetic_pairs = 32    # used when data.h5 is empty
-    c.data.synthetic_size = 48
+    c.data.synthetic_size = 32
+    c.data.crop_size = 32          # real 128x128 patches (data.h5) are cropped to this size
     c.batch_size = 2
     c.num_epochs = 4
     c.phase1_epochs = 2
-    c.steps_per_epoch = 8
+    c.steps_per_epoch = 6
     c.lr = 1e-3                    # 10x the recipe so a few steps visibly lower the loss
     c.lr_step_epochs = 2
-    c.checkpoint_every_steps = 8
+    c.checkpoint_every_steps = 6
     c.keep_checkpoints = 2
     c.log_every_steps = 1
     c.sample_every_epochs = 2
