@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from smfnet_jax.layers import Conv2d, conv_nhwc, depthwise_valid, leaky_relu
+from smfnet_jax.layers import Conv2d, depthwise_valid, leaky_relu
 from smfnet_jax.model import (GR, GRDB, MDTA, ConvBNReLU, ConvGRUCell, CrossAttention, DenseAttention,
                               GraphModel, SMFNet)
 
@@ -142,11 +142,20 @@ def conv_part(conv: Conv2d, x: jax.Array, out: slice | None = None, inp: slice |
             k = k[:, :, inp, :]
         if k.shape[:2] == (1, 1):
             y = jnp.einsum("nhwc,cd->nhwd", x, k[0, 0])
-        elif conv.pad_mode == "zeros":
-            y = conv_nhwc(x, k, padding=conv.padding, dilation=conv.dilation)
-        else:
-            y = conv_nhwc(conv._pad(x), k, dilation=conv.dilation)
+        else:  # inference only: XLA's own conv, padding inside it (no padded copy of x)
+            p = conv.padding if conv.pad_mode == "zeros" else 0
+            y = jax.lax.conv_general_dilated(
+                x if p or not conv.padding else conv._pad(x), k, (1, 1), ((p, p), (p, p)),
+                rhs_dilation=(conv.dilation,) * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"))
     return y if b is None else y + b.astype(y.dtype)
+
+
+class _Conv2dInference(Conv2d):
+    """Conv2d through `conv_part`: dense convs pad inside XLA's convolution (training keeps
+    `layers.conv_valid`, whose hand-written backward wants the padded input)."""
+
+    def __call__(self, x):
+        return conv_part(self, x)
 
 
 def _thirds(c: int) -> list[slice]:
@@ -309,7 +318,7 @@ class _GRInference(GR):
 _INFERENCE_TYPES = {MDTA: _MDTAInference, DenseAttention: _DenseAttentionInference,
                     CrossAttention: _CrossAttentionInference, GR: _GRInference,
                     GraphModel: _GraphModelInference, ConvGRUCell: _ConvGRUCellInference,
-                    GRDB: _GRDBInference,
+                    GRDB: _GRDBInference, Conv2d: _Conv2dInference,
                     SMFNet: _SMFNetInference}
 
 
