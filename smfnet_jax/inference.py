@@ -23,9 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from smfnet_jax.layers import Conv2d, depthwise_valid, leaky_relu
-from smfnet_jax.model import (GR, GRDB, MDTA, ConvBNReLU, ConvGRUCell, CrossAttention, DenseAttention,
-                              GraphModel, SMFNet)
+from smfnet_jax.layers import Conv2d, channel_attention_matrix, depthwise_valid, leaky_relu
+from smfnet_jax.model import GR, GRDB, MDTA, ConvBNReLU, CrossAttention, DenseAttention, SMFNet
 
 CACHE_ENV = "SMFNET_JAX_CACHE"
 _CACHE_OFF = {"", "0", "off", "none", "false", "no"}
@@ -60,59 +59,16 @@ def _fold_attention(attn: DenseAttention) -> None:
                                       rngs=nnx.Rngs(0)))
 
 
-class GroupedPointwiseConv2d(nnx.Module):
-    """A grouped 1x1 Conv2d as one batched einsum (XLA:CPU's grouped conv is slow)."""
-
-    def __init__(self, conv: Conv2d):
-        if conv.kernel[...].shape[:2] != (1, 1):
-            raise ValueError("GroupedPointwiseConv2d needs a 1x1 Conv2d")
-        self.kernel = conv.kernel
-        self.bias = conv.bias
-        self.groups = conv.groups
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        g = self.groups
-        k = self.kernel[...].astype(x.dtype)[0, 0]            # (C/g, O)
-        cg, o = k.shape
-        k = k.reshape(cg, g, o // g)                         # output o belongs to group o // (O/g)
-        y = jnp.einsum("...gc,cgo->...go", x.reshape(*x.shape[:-1], g, cg), k)
-        y = y.reshape(*x.shape[:-1], o)
-        if self.bias is not None:
-            y = y + self.bias[...].astype(y.dtype)
-        return y
-
-
 def attention_projected(q: jax.Array, k: jax.Array, v: jax.Array, temperature: jax.Array,
                         heads: int, proj) -> jax.Array:
-    """`proj(channel_attention(q, k, v, temperature, heads))`, rearranged for speed.
-
-    Same algebra as `layers.channel_attention` followed by the 1x1 projection `proj`, but:
-    - no transposes: one (C x C) Gram matrix q^T k over all pixels per image, of which the
-      per-head (ch x ch) diagonal blocks are the attention logits;
-    - the L2 normalisation of q and k (along pixels) is applied to the small logits matrix
-      instead of to the full-size q and k (1 / max(|q|, eps) factors out of the dot);
-    - the attention and the projection are merged into one (C x C) matrix per image,
-      M = blockdiag(attn^T) @ P, so the output is a single pixels x C @ C x C matmul.
-    Results differ from the reference order of operations only by float rounding.
-    """
-    n, h, w, c = q.shape
-    ch = c // heads
-    q, k, v = (t.reshape(n, h * w, c) for t in (q, k, v))
-    # Norms accumulate in float32 even in bf16 mode: sums over all pixels.
-    inv_q = 1.0 / jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(q.astype(jnp.float32)), axis=1)), 1e-12)
-    inv_k = 1.0 / jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(k.astype(jnp.float32)), axis=1)), 1e-12)
-    gram = jnp.einsum("nsc,nsd->ncd", q, k, preferred_element_type=jnp.float32)
-    blocks = gram.reshape(n, heads, ch, heads, ch)
-    logits = jnp.stack([blocks[:, i, :, i, :] for i in range(heads)], axis=1)  # (n, heads, ch, ch)
-    logits = (logits * inv_q.reshape(n, heads, ch, 1) * inv_k.reshape(n, heads, 1, ch)
-              * temperature.astype(jnp.float32).reshape(1, heads, 1, 1))
-    attn = jax.nn.softmax(logits, axis=-1)                           # attn[n, h, c, d]
-    # out[s, (h, c)] = sum_d attn[h, c, d] v[s, (h, d)] = v @ B with B[(h, d), (h, c)] = attn[h, c, d]
-    eye = jnp.eye(heads, dtype=attn.dtype)
-    bdiag = jnp.einsum("nhcd,hg->nhdgc", attn, eye).reshape(n, c, c)
+    """`proj(channel_attention(q, k, v, temperature, heads))` with the 1x1 projection `proj`
+    merged into the attention matrix: M = B @ P per image, so the output is one
+    pixels x C @ C x C matmul. Equal up to float rounding."""
+    n, h, w, c = v.shape
     kernel = proj.kernel[...][0, 0].astype(jnp.float32)                # (C, Cout)
-    mix = jnp.einsum("ncd,de->nce", bdiag, kernel).astype(v.dtype)
-    y = jnp.einsum("nsc,nce->nse", v, mix)
+    mix = jnp.einsum("ncd,de->nce", channel_attention_matrix(q, k, temperature, heads),
+                     kernel).astype(v.dtype)
+    y = jnp.einsum("nsc,nce->nse", v.reshape(n, h * w, c), mix)
     if proj.bias is not None:
         y = y + proj.bias[...].astype(y.dtype)
     return y.reshape(n, h, w, -1)
@@ -193,24 +149,6 @@ class _CrossAttentionInference(CrossAttention):
         return attention_projected(q, k, v, self.temperature[...], self.heads, self.project_out)
 
 
-class _ConvGRUCellInference(ConvGRUCell):
-    """The GRU's convs of [x, h] and [x, r * h] as sums over the two parts, its gates computed
-    separately: no concatenated or split copies."""
-
-    def __call__(self, x, h):
-        d = h.shape[-1]
-        xs, hs = slice(0, d), slice(d, 2 * d)
-
-        def gate(out):
-            return jax.nn.sigmoid(conv_part(self.gates, x, out, xs)
-                                  + conv_part(self.gates, h, out, hs, bias=False))
-
-        reset, update = gate(slice(0, d)), gate(slice(d, 2 * d))
-        c = jnp.tanh(conv_part(self.candidate, x, None, xs)
-                     + conv_part(self.candidate, reset * h, None, hs, bias=False))
-        return (1 - update) * h + update * c
-
-
 class _GRDBInference(GRDB):
     """GRDB with its dense-block convs of concatenations written as sums over the parts."""
 
@@ -254,36 +192,6 @@ class _SMFNetInference(SMFNet):
         return jax.nn.sigmoid(logits)
 
 
-class _GraphModelInference(GraphModel):
-    """GraphModel without its 128-channel temporaries.
-
-    The reference concatenates a node's neighbours, gates them with the edge maps tiled
-    (interleaved) over channels, and sums the gated halves. Channel c of neighbour g is
-    gated by edge map (g * dim + c) mod (n - 1), so the message is computed neighbour by
-    neighbour, each product exactly as the reference forms it, summed in the same order.
-    """
-
-    def __call__(self, nodes):
-        n = self.n_nodes
-        kernel = self.edge_weight.kernel[...][0, 0]                 # (dim, n - 1), grouped
-        dim = kernel.shape[0]
-        out = []
-        for i in range(n):
-            h_t = nodes[i]
-            neighbours = [nodes[j] for j in range(n) if j != i]
-            gates = [jax.nn.sigmoid((h_t - nb) @ kernel[:, g:g + 1].astype(h_t.dtype))
-                     for g, nb in enumerate(neighbours)]            # each (..., 1)
-            m_t = 0
-            for g, nb in enumerate(neighbours):
-                idx = (g * dim + np.arange(dim)) % (n - 1)
-                gate = gates[0]
-                for k in range(1, n - 1):  # an exact per-channel selection, fused by XLA
-                    gate = jnp.where(idx == k, gates[k], gate)
-                m_t = m_t + nb * gate
-            out.append(self.gru(m_t, h_t) * self.gamma[...] + h_t)
-        return out
-
-
 def _conv_bn_relu_of_concat(block: ConvBNReLU, parts: list) -> jax.Array:
     """`block(concatenate(parts, -1))` as a sum of per-part convolutions: no concatenated copy."""
     y, start = None, 0
@@ -317,7 +225,6 @@ class _GRInference(GR):
 
 _INFERENCE_TYPES = {MDTA: _MDTAInference, DenseAttention: _DenseAttentionInference,
                     CrossAttention: _CrossAttentionInference, GR: _GRInference,
-                    GraphModel: _GraphModelInference, ConvGRUCell: _ConvGRUCellInference,
                     GRDB: _GRDBInference, Conv2d: _Conv2dInference,
                     SMFNet: _SMFNetInference}
 
@@ -340,47 +247,22 @@ def inference_types(model: nnx.Module) -> int:
     return n
 
 
-def _replace(root: nnx.Module, path: tuple, new: nnx.Module) -> None:
-    parent = root
-    for key in path[:-1]:
-        parent = parent[key] if isinstance(key, int) else getattr(parent, key)
-    key = path[-1]
-    if isinstance(key, int):
-        parent[key] = new
-    else:
-        setattr(parent, key, new)
-
-
-def fast_convs(model: nnx.Module) -> int:
-    """Swap grouped (not depthwise) 1x1 Conv2d modules of `model` (in place) for an einsum.
-
-    Depthwise and ungrouped 1x1 convs are already fast in `Conv2d` itself. Returns how many
-    were swapped."""
-    swaps = []
-    for path, module in nnx.iter_modules(model):
-        if isinstance(module, Conv2d) and module.groups > 1:
-            kh, kw, cin_g, cout = module.kernel[...].shape
-            if (kh, kw) == (1, 1) and not (cin_g == 1 and cout == module.groups):
-                swaps.append((path, GroupedPointwiseConv2d(module)))
-    for path, new in swaps:
-        _replace(model, path, new)
-    return len(swaps)
-
-
 def fold_for_inference(model: SMFNet) -> SMFNet:
     """A copy of `model` with every exact inference-time simplification applied.
 
     - TransformerBase attention: `qkv2(qkv1(x))` (1x1 64->192, then dense 3x3 192->192,
       both bias-free, zero padding) becomes one 3x3 64->192 conv. This removes about 40%
       of the model's FLOPs and the 192-channel intermediate of the 1x1 conv.
-    - The graph's grouped 1x1 conv becomes an einsum (XLA:CPU's grouped convolution is
-      slow; depthwise and 1x1 convs are already rewritten inside `Conv2d`).
+    - q, k and v from their own kernel slices; convs of concatenations (GRDB, the graph's
+      concat convs) as sums over the parts; dense convs padded inside XLA's convolution
+      (`conv_part`). The graph's grouped 1x1 conv and ConvGRU are concatenation-free in the
+      model itself (`model.GraphModel`, `model.ConvGRUCell`).
     - Channel attention without transposes, its L2 normalisation moved onto the small
       logits matrix and its output projection merged into the attention matrix
       (`attention_projected`).
     - Memory: the two encoder passes run in sequence, the graph module avoids its
       concatenated copies and finishes one modality before the other (`_SMFNetInference`,
-      `_GRInference`, `_GraphModelInference`).
+      `_GRInference`).
 
     The copy is put in eval mode (BatchNorm running statistics); `model` is left unchanged.
     The folded copy is for inference only: do not train or save it (its state carries the
@@ -395,7 +277,6 @@ def fold_for_inference(model: SMFNet) -> SMFNet:
             n += 1
     if n == 0:
         raise ValueError("fold_for_inference: no unfolded DenseAttention found in the model")
-    fast_convs(folded)
     inference_types(folded)
     return folded
 

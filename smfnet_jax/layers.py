@@ -269,28 +269,35 @@ def relu6(x: Array) -> Array:
     return jnp.clip(x, 0.0, 6.0)
 
 
-def l2_normalize(x: Array, axis: int) -> Array:
-    """`F.normalize`: x / max(||x||, 1e-12)."""
-    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
-    return x / jnp.maximum(norm, 1e-12)
+def channel_attention_matrix(q: Array, k: Array, temperature: Array, heads: int) -> Array:
+    """The (N, C, C) matrix B with channel_attention(q, k, v) = v @ B (pixels flattened).
 
-
-def channel_attention(q: Array, k: Array, v: Array, temperature: Array, heads: int) -> Array:
-    """Transposed (channel) attention of Restormer's MDTA, on NHWC q/k/v.
-
-    Each head attends over its channels, with q and k L2-normalised along the flattened
-    spatial axis, the logits scaled by a learned per-head temperature.
+    Restormer's transposed attention: per head, softmax over channels of the q/k
+    correlations, q and k L2-normalised along the pixels, scaled by a per-head temperature.
+    Computed without moving channels in front of pixels (XLA:CPU spent more time on those
+    transposes than on the attention): one (C x C) Gram matrix q^T k per image, whose
+    per-head diagonal blocks are the logits; the L2 norms are applied to the logits
+    (1 / max(|q|, eps) factors out of the dot); B = blockdiag over heads of attn^T.
+    Equal to the reference's order of operations up to float rounding. Float32 inside.
     """
     n, h, w, c = q.shape
     ch = c // heads
+    q, k = (t.reshape(n, h * w, c) for t in (q, k))
+    inv_q = 1.0 / jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(q.astype(jnp.float32)), axis=1)), 1e-12)
+    inv_k = 1.0 / jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(k.astype(jnp.float32)), axis=1)), 1e-12)
+    gram = jnp.einsum("nsc,nsd->ncd", q, k, preferred_element_type=jnp.float32)
+    blocks = gram.reshape(n, heads, ch, heads, ch)
+    logits = jnp.stack([blocks[:, i, :, i, :] for i in range(heads)], axis=1)  # (n, heads, ch, ch)
+    logits = (logits * inv_q.reshape(n, heads, ch, 1) * inv_k.reshape(n, heads, 1, ch)
+              * temperature.astype(jnp.float32).reshape(1, heads, 1, 1))
+    attn = jax.nn.softmax(logits, axis=-1)                        # attn[n, h, c, d]
+    # out[s, (h, c)] = sum_d attn[h, c, d] v[s, (h, d)] = v @ B, B[(h, d), (h, c)] = attn[h, c, d]
+    return jnp.einsum("nhcd,hg->nhdgc", attn, jnp.eye(heads, dtype=attn.dtype)).reshape(n, c, c)
 
-    def heads_first(t):  # (N, H, W, heads*ch) -> (N, heads, ch, H*W)
-        return t.reshape(n, h * w, heads, ch).transpose(0, 2, 3, 1)
 
-    qh = l2_normalize(heads_first(q), axis=-1)
-    kh = l2_normalize(heads_first(k), axis=-1)
-    vh = heads_first(v)
-    logits = jnp.einsum("bhcs,bhds->bhcd", qh, kh) * temperature.reshape(1, heads, 1, 1).astype(q.dtype)
-    attn = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("bhcd,bhds->bhcs", attn, vh)
-    return out.transpose(0, 3, 1, 2).reshape(n, h, w, c)
+def channel_attention(q: Array, k: Array, v: Array, temperature: Array, heads: int) -> Array:
+    """Transposed (channel) attention of Restormer's MDTA, on NHWC q/k/v
+    (see `channel_attention_matrix`)."""
+    n, h, w, c = v.shape
+    b = channel_attention_matrix(q, k, temperature, heads).astype(v.dtype)
+    return jnp.einsum("nsc,nce->nse", v.reshape(n, h * w, c), b).reshape(n, h, w, c)

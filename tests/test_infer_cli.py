@@ -11,7 +11,6 @@ import pytest
 from PIL import Image
 
 import infer.main as cli
-from smfnet_jax import imageio as io
 
 
 def _fuser_max(ir, vi):

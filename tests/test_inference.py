@@ -20,10 +20,9 @@ from flax import nnx
 
 from smfnet_jax.api import Fuser
 from smfnet_jax.checkpoint import load_pth_model
-from smfnet_jax.inference import (GroupedPointwiseConv2d,
-                                  attention_projected, blend_ramp, enable_compilation_cache,
+from smfnet_jax.inference import (attention_projected, blend_ramp, enable_compilation_cache,
                                   fold_dense_qkv, fold_for_inference, fuse_tiled, tile_starts)
-from smfnet_jax.layers import Conv2d, channel_attention
+from smfnet_jax.layers import Conv2d
 from smfnet_jax.model import DenseAttention
 
 RTOL = 1e-5
@@ -82,19 +81,14 @@ def test_fold_dense_qkv_is_the_composition():
     assert_close("folded qkv", folded, ref)
 
 
-def test_grouped_pointwise_matches_conv():
-    x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 5, 4, 8)), jnp.float32)
-    grouped = Conv2d(8, 2, 1, groups=2, bias=False, rngs=nnx.Rngs(3))
-    assert_close("grouped pointwise", GroupedPointwiseConv2d(grouped)(x), _conv(x, grouped.kernel[...], 0, groups=2))
-
-
 @pytest.mark.parametrize("bias", [False, True])
-def test_attention_projected_matches_channel_attention(bias):
+def test_attention_projected_matches_reference_attention(bias):
     rng = np.random.default_rng(3)
     q, k, v = (jnp.asarray(rng.standard_normal((2, 6, 7, 16)), jnp.float32) for _ in range(3))
     temperature = jnp.asarray(rng.uniform(0.5, 2.0, 4), jnp.float32)
     proj = Conv2d(16, 16, 1, bias=bias, rngs=nnx.Rngs(4))
-    ref = proj(channel_attention(q, k, v, temperature, 4))
+    from test_layers import reference_channel_attention  # tests/ is on sys.path under pytest
+    ref = proj(jnp.asarray(reference_channel_attention(q, k, v, temperature, 4), jnp.float32))
     assert_close("attention", attention_projected(q, k, v, temperature, 4, proj), ref)
 
 
@@ -103,7 +97,8 @@ def test_fold_for_inference_leaves_the_model_alone(model):
     dense = [m for _, m in nnx.iter_modules(model) if isinstance(m, DenseAttention)]
     assert dense and all(m.qkv_folded is None for m in dense)
     assert all(type(m) is DenseAttention for m in dense)
-    assert any(isinstance(m, GroupedPointwiseConv2d) for _, m in nnx.iter_modules(folded))
+    assert any(m.qkv_folded is not None for _, m in nnx.iter_modules(folded)
+               if isinstance(m, DenseAttention))
 
 
 # ----------------------------------------------------------------------------- whole model

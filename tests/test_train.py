@@ -106,7 +106,7 @@ def tiny_overrides(h5: Path) -> list[str]:
     return [f"--config.data.h5={h5}", "--config.batch_size=2", "--config.steps_per_epoch=2",
             "--config.num_epochs=2", "--config.phase1_epochs=1", "--config.checkpoint_every_steps=2",
             "--config.log_every_steps=1", "--config.sample_every_epochs=1", "--config.progress=False",
-            "--config.lr=1e-3"]
+            "--config.lr=1e-3", "--config.data.crop_size=0"]
 
 
 @pytest.fixture(scope="session")
@@ -201,6 +201,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_h5, tmp_path)
     from train.trainer import Trainer, TrainingError
     cfg = smoke.get_config()
     cfg.data.h5 = str(tiny_h5)
+    cfg.data.crop_size = 0
     cfg.steps_per_epoch, cfg.checkpoint_every_steps, cfg.log_every_steps = 2, 1, 1
     cfg.progress = False
     cfg = config_dict.FrozenConfigDict(cfg)
@@ -282,7 +283,9 @@ def test_two_processes_train_like_one(full_run, tiny_h5, tmp_path):
             procs.append(subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                           text=True, start_new_session=True,
                                           env={**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
-                                               "JAX_PLATFORMS": "cpu"}))
+                                               "JAX_PLATFORMS": "cpu",
+                                               # two writers of one cache entry would race
+                                               "SMFNET_JAX_CACHE": "off"}))
         outs = [p.communicate(timeout=900) for p in procs]
     finally:
         for p in procs:  # never leave a process behind, whatever happened
@@ -305,3 +308,17 @@ def test_two_processes_train_like_one(full_run, tiny_h5, tmp_path):
     # the checkpoint the two processes wrote restores in this single process
     from smfnet_jax.checkpoint import load_checkpoint
     assert load_checkpoint(workdir).step == 4
+
+
+def test_open_data_crops_and_rejects_oversized_crops(tiny_h5):
+    from train.data import CroppedPairs
+    from train.trainer import TrainingError, open_data
+    cfg = smoke.get_config()
+    cfg.data.h5, cfg.data.crop_size = str(tiny_h5), 8
+    src = open_data(cfg)
+    assert isinstance(src, CroppedPairs) and src[0]["vi"].shape == (8, 8, 1)
+    cfg.data.crop_size = 0
+    assert not isinstance(open_data(cfg), CroppedPairs)
+    cfg.data.crop_size = 64
+    with pytest.raises(TrainingError, match="crop_size=64 is larger"):
+        open_data(cfg)

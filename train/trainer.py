@@ -65,8 +65,13 @@ def open_data(cfg):
         source = data_lib.SyntheticPairs(cfg.data.synthetic_pairs, cfg.data.synthetic_size, cfg.seed)
     else:
         raise data_lib.MissingDatasetError(data_lib.MSRS_HELP)
-    if cfg.data.get("crop_size", 0) > 0:
-        source = data_lib.CroppedPairs(source, cfg.data.crop_size, cfg.seed)
+    crop = cfg.data.get("crop_size", 0)
+    if crop > 0:
+        shape = getattr(source, "patch_shape", None)
+        if shape is not None and crop > min(shape):
+            raise TrainingError(f"data.crop_size={crop} is larger than the {shape[0]}x{shape[1]} "
+                                f"patches of {source!r}; use a smaller crop or 0 (whole patches)")
+        source = data_lib.CroppedPairs(source, crop, cfg.seed)
     return source
 
 
