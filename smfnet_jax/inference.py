@@ -99,9 +99,10 @@ def conv_part(conv: Conv2d, x: jax.Array, out: slice | None = None, inp: slice |
         if k.shape[:2] == (1, 1):
             y = jnp.einsum("nhwc,cd->nhwd", x, k[0, 0])
         else:  # inference only: XLA's own conv, padding inside it (no padded copy of x)
-            p = conv.padding if conv.pad_mode == "zeros" else 0
+            zeros = conv.pad_mode == "zeros"
+            p = conv.padding if zeros else 0
             y = jax.lax.conv_general_dilated(
-                x if p or not conv.padding else conv._pad(x), k, (1, 1), ((p, p), (p, p)),
+                x if zeros else conv._pad(x), k, (1, 1), ((p, p), (p, p)),
                 rhs_dilation=(conv.dilation,) * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"))
     return y if b is None else y + b.astype(y.dtype)
 
@@ -209,10 +210,7 @@ class _GRInference(GR):
 
     def __call__(self, vi, ir):
         r = self.reasoning
-        nodes_ir, nodes_vi = r.ppm_ir(ir), r.ppm_vi(vi)
-        for i in range(len(nodes_ir)):
-            for _ in range(2):
-                nodes_ir[i], nodes_vi[i] = r._exchange(nodes_ir[i], nodes_vi[i])
+        nodes_ir, nodes_vi = r.nodes(ir, vi)
         for _ in range(r.n_iter):
             nodes_ir = r.graph_ir(nodes_ir)
         f_ir = _conv_bn_relu_of_concat(self.concat_ir, nodes_ir)

@@ -431,11 +431,16 @@ class GraphReasoning(nnx.Module):
         new_ir = vi * jax.nn.sigmoid(self.gate_to_ir(vi - ir)) + ir
         return new_ir, new_vi
 
-    def __call__(self, ir: Array, vi: Array) -> tuple[list[Array], list[Array]]:
+    def nodes(self, ir: Array, vi: Array) -> tuple[list[Array], list[Array]]:
+        """Each modality's PPM nodes after two rounds of cross-modal edge gating."""
         nodes_ir, nodes_vi = self.ppm_ir(ir), self.ppm_vi(vi)
         for i in range(len(nodes_ir)):
             for _ in range(2):
                 nodes_ir[i], nodes_vi[i] = self._exchange(nodes_ir[i], nodes_vi[i])
+        return nodes_ir, nodes_vi
+
+    def __call__(self, ir: Array, vi: Array) -> tuple[list[Array], list[Array]]:
+        nodes_ir, nodes_vi = self.nodes(ir, vi)
         for _ in range(self.n_iter):
             nodes_ir = self.graph_ir(nodes_ir)
         for _ in range(self.n_iter):

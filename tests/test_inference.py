@@ -24,17 +24,9 @@ from smfnet_jax.inference import (attention_projected, blend_ramp, enable_compil
                                   fold_dense_qkv, fold_for_inference, fuse_tiled, tile_starts)
 from smfnet_jax.layers import Conv2d
 from smfnet_jax.model import DenseAttention
+from helpers import assert_close, reference_channel_attention
 
-RTOL = 1e-5
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def assert_close(name, ours, ref, rtol=RTOL):
-    ours, ref = np.asarray(ours), np.asarray(ref)
-    assert ours.shape == ref.shape, f"{name}: shape {ours.shape} != {ref.shape}"
-    err = float(np.max(np.abs(ours - ref)))
-    tol = rtol * max(1.0, float(np.max(np.abs(ref))))
-    assert err <= tol, f"{name}: max |ours - ref| = {err:.3g} > {tol:.3g}"
 
 
 @pytest.fixture(scope="session")
@@ -87,7 +79,6 @@ def test_attention_projected_matches_reference_attention(bias):
     q, k, v = (jnp.asarray(rng.standard_normal((2, 6, 7, 16)), jnp.float32) for _ in range(3))
     temperature = jnp.asarray(rng.uniform(0.5, 2.0, 4), jnp.float32)
     proj = Conv2d(16, 16, 1, bias=bias, rngs=nnx.Rngs(4))
-    from test_layers import reference_channel_attention  # tests/ is on sys.path under pytest
     ref = proj(jnp.asarray(reference_channel_attention(q, k, v, temperature, 4), jnp.float32))
     assert_close("attention", attention_projected(q, k, v, temperature, 4, proj), ref)
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from helpers import reference_channel_attention
 from smfnet_jax.layers import Conv2d, channel_attention
 
 
@@ -53,25 +54,6 @@ def test_conv_paths_match_xla(cin, cout, k, pad, groups, dil, mode):
     g_ref = jax.grad(ref, argnums=(0, 1))(x, kernel)
     for a, b in zip(g_ours, g_ref):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-
-
-def reference_channel_attention(q, k, v, temperature, heads):
-    """Restormer's order in float64: rearrange to (heads, ch, pixels), F.normalize, q k^T,
-    temperature, softmax, attn @ v, rearrange back."""
-    q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
-    n, h, w, c = q.shape
-
-    def heads_first(t):
-        return t.reshape(n, h * w, heads, c // heads).transpose(0, 2, 3, 1)
-
-    def normalize(t):
-        return t / np.maximum(np.linalg.norm(t, axis=-1, keepdims=True), 1e-12)
-
-    qh, kh, vh = normalize(heads_first(q)), normalize(heads_first(k)), heads_first(v)
-    logits = qh @ kh.transpose(0, 1, 3, 2) * np.asarray(temperature, np.float64).reshape(1, heads, 1, 1)
-    attn = np.exp(logits - logits.max(-1, keepdims=True))
-    attn /= attn.sum(-1, keepdims=True)
-    return (attn @ vh).transpose(0, 3, 1, 2).reshape(n, h, w, c)
 
 
 def test_channel_attention_matches_reference_order():

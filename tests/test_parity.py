@@ -12,8 +12,8 @@ import pytest
 from flax import nnx
 
 from smfnet_jax.checkpoint import load_pth_model
+from helpers import assert_close
 
-RTOL = 1e-5
 
 # reference.npz key -> (phase, our output key)
 EVAL_PHASE2 = {
@@ -29,14 +29,6 @@ EVAL_PHASE1 = {"recon_vi": "vi_hat", "recon_ir": "ir_hat", "recon_vi_feature": "
 
 def nhwc(a: np.ndarray) -> np.ndarray:
     return a.transpose(0, 2, 3, 1) if a.ndim == 4 else a
-
-
-def assert_close(name: str, ours, ref: np.ndarray) -> None:
-    ours = np.asarray(ours)
-    assert ours.shape == ref.shape, f"{name}: shape {ours.shape} != {ref.shape}"
-    err = float(np.max(np.abs(ours - ref)))
-    tol = RTOL * max(1.0, float(np.max(np.abs(ref))))
-    assert err <= tol, f"{name}: max |ours - ref| = {err:.3g} > {tol:.3g}"
 
 
 @pytest.fixture(scope="session")
