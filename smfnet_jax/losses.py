@@ -59,6 +59,10 @@ __all__ = [
     "combine_phase2_terms",
     "phase1_loss",
     "phase2_loss",
+    "phase1_sample_terms",
+    "phase1_batch_terms",
+    "phase2_sample_terms",
+    "phase2_batch_terms",
     "PHASE1_OUTPUT_KEYS",
     "PHASE2_OUTPUT_KEYS",
 ]
@@ -426,6 +430,42 @@ def _get_outputs(outputs: Mapping[str, ArrayLike], keys, where: str):
     return [outputs[k] for k in keys]
 
 
+def phase1_sample_terms(outputs: Mapping[str, ArrayLike], vi: ArrayLike, ir: ArrayLike):
+    """Phase-I terms that are means over the batch of per-sample quantities.
+
+    Over equal-sized micro-batches each is the average of the micro-batch values, which is
+    what lets `train.step` accumulate gradients over micro-batches exactly.
+    """
+    vi_hat, ir_hat = _get_outputs(outputs, ("vi_hat", "ir_hat"), "phase1_sample_terms")
+    vi = _as_float(vi)
+    ir = _as_float(ir)
+    return {
+        "ssim_loss_vi": ssim_loss(vi, vi_hat),
+        "stage1_grad_vi": stage1_gradient_loss(vi, vi_hat),
+        "ssim_loss_ir": ssim_loss(ir, ir_hat),
+        "gram_mse_ir": gram_mse_loss(ir, ir_hat),
+        "stage1_grad_ir": stage1_gradient_loss(ir, ir_hat),
+        "spatial_gradient_l1_vi": spatial_gradient_l1_loss(vi, vi_hat),
+    }
+
+
+def phase1_batch_terms(outputs: Mapping[str, ArrayLike], vi: ArrayLike, *,
+                       decomp_grad: bool = False):
+    """Phase-I terms of the whole batch: the correlations, the decomposition term and the
+    Lovasz seg term (a sort over all pixels; a constant with zero gradient, see
+    `lovasz_softmax_seg_loss`)."""
+    vi_hat, vi_b, ir_b, vi_d, ir_d = _get_outputs(
+        outputs, ("vi_hat", "vi_base", "ir_base", "vi_detail", "ir_detail"), "phase1_batch_terms")
+    cc_b = cc(vi_b, ir_b, differentiable=decomp_grad)
+    cc_d = cc(vi_d, ir_d, differentiable=decomp_grad)
+    return {
+        "cc_base": cc_b,
+        "cc_detail": cc_d,
+        "seg_loss_vi": lovasz_softmax_seg_loss(vi_hat, _as_float(vi)),
+        "decomp_phase1": cc_d ** 2 / (DECOMP_OFFSET + cc_b),
+    }
+
+
 def phase1_loss(outputs: Mapping[str, ArrayLike], vi: ArrayLike, ir: ArrayLike, *,
                 decomp_grad: bool = False):
     """Phase-I objective of the reference train.py.
@@ -444,27 +484,33 @@ def phase1_loss(outputs: Mapping[str, ArrayLike], vi: ArrayLike, ir: ArrayLike, 
     decomp_phase1 (= cc_detail**2 / (1.01 + cc_base), before the factor 2), total_phase1.
     ``decomp_grad=True`` lets the correlation terms carry gradients (the reference does not).
     """
-    vi_hat, ir_hat, vi_b, ir_b, vi_d, ir_d = _get_outputs(outputs, PHASE1_OUTPUT_KEYS,
-                                                         "phase1_loss")
-    vi = _as_float(vi)
-    ir = _as_float(ir)
-    cc_b = cc(vi_b, ir_b, differentiable=decomp_grad)
-    cc_d = cc(vi_d, ir_d, differentiable=decomp_grad)
-    terms = {
-        "cc_base": cc_b,
-        "cc_detail": cc_d,
-        "ssim_loss_vi": ssim_loss(vi, vi_hat),
-        "seg_loss_vi": lovasz_softmax_seg_loss(vi_hat, vi),
-        "stage1_grad_vi": stage1_gradient_loss(vi, vi_hat),
-        "ssim_loss_ir": ssim_loss(ir, ir_hat),
-        "gram_mse_ir": gram_mse_loss(ir, ir_hat),
-        "stage1_grad_ir": stage1_gradient_loss(ir, ir_hat),
-        "spatial_gradient_l1_vi": spatial_gradient_l1_loss(vi, vi_hat),
-        "decomp_phase1": cc_d ** 2 / (DECOMP_OFFSET + cc_b),
-    }
+    _get_outputs(outputs, PHASE1_OUTPUT_KEYS, "phase1_loss")
+    terms = {**phase1_batch_terms(outputs, vi, decomp_grad=decomp_grad),
+             **phase1_sample_terms(outputs, vi, ir)}
     total = combine_phase1_terms(terms)
     terms["total_phase1"] = total
     return total, terms
+
+
+def phase2_sample_terms(outputs: Mapping[str, ArrayLike], vi: ArrayLike, ir: ArrayLike):
+    """Phase-II terms that are batch means of per-sample quantities (Fusionloss's parts)."""
+    (fused,) = _get_outputs(outputs, ("fused",), "phase2_sample_terms")
+    f_total, f_int, f_grad = fusion_loss(vi, ir, fused)
+    return {"fusion_total": f_total, "fusion_intensity": f_int, "fusion_gradient": f_grad}
+
+
+def phase2_batch_terms(outputs: Mapping[str, ArrayLike], *, decomp_grad: bool = False):
+    """Phase-II terms of the whole batch: the correlations and the decomposition term."""
+    vi_b, ir_b, vi_d, ir_d = _get_outputs(
+        outputs, ("vi_base", "ir_base", "vi_detail", "ir_detail"), "phase2_batch_terms")
+    cc_b = cc(vi_b, ir_b, differentiable=decomp_grad)
+    cc_d = cc(vi_d, ir_d, differentiable=decomp_grad)
+    terms = {"cc_base": cc_b, "cc_detail": cc_d,
+             "decomp_phase2": (cc_d ** 2 + cc_d ** 2) / (DECOMP_OFFSET + cc_b)}
+    if "graph_ir" in outputs and "graph_vi" in outputs:
+        terms["cc_graph"] = cc(outputs["graph_ir"], outputs["graph_vi"],
+                               differentiable=decomp_grad)
+    return terms
 
 
 def phase2_loss(outputs: Mapping[str, ArrayLike], vi: ArrayLike, ir: ArrayLike, *,
@@ -483,21 +529,9 @@ def phase2_loss(outputs: Mapping[str, ArrayLike], vi: ArrayLike, ir: ArrayLike, 
     fusion_gradient, decomp_phase2 (= 2 cc_detail**2 / (1.01 + cc_base), before the factor 2
     of coeff_decomp), total_phase2 [, cc_graph].
     """
-    fused, vi_b, ir_b, vi_d, ir_d = _get_outputs(outputs, PHASE2_OUTPUT_KEYS, "phase2_loss")
-    cc_b = cc(vi_b, ir_b, differentiable=decomp_grad)
-    cc_d = cc(vi_d, ir_d, differentiable=decomp_grad)
-    f_total, f_int, f_grad = fusion_loss(vi, ir, fused)
-    terms = {
-        "cc_base": cc_b,
-        "cc_detail": cc_d,
-        "fusion_total": f_total,
-        "fusion_intensity": f_int,
-        "fusion_gradient": f_grad,
-        "decomp_phase2": (cc_d ** 2 + cc_d ** 2) / (DECOMP_OFFSET + cc_b),
-    }
-    if "graph_ir" in outputs and "graph_vi" in outputs:
-        terms["cc_graph"] = cc(outputs["graph_ir"], outputs["graph_vi"],
-                               differentiable=decomp_grad)
+    _get_outputs(outputs, PHASE2_OUTPUT_KEYS, "phase2_loss")
+    terms = {**phase2_batch_terms(outputs, decomp_grad=decomp_grad),
+             **phase2_sample_terms(outputs, vi, ir)}
     total = combine_phase2_terms(terms)
     terms["total_phase2"] = total
     return total, terms

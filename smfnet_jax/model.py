@@ -17,6 +17,9 @@ and clips each of them separately.
 """
 from __future__ import annotations
 
+import dataclasses
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -325,7 +328,11 @@ class ConvBNReLU(nnx.Module):
         self.bn = BatchNorm2d(cout)
 
     def __call__(self, x: Array) -> Array:
-        return jax.nn.relu(self.bn(self.conv(x)))
+        return self.normalize(self.conv(x))
+
+    def normalize(self, y: Array) -> Array:
+        """BatchNorm + ReLU of the conv output (the only batch-coupled step)."""
+        return jax.nn.relu(self.bn(y))
 
 
 class PPM(nnx.Module):
@@ -431,21 +438,37 @@ class GraphReasoning(nnx.Module):
         new_ir = vi * jax.nn.sigmoid(self.gate_to_ir(vi - ir)) + ir
         return new_ir, new_vi
 
-    def nodes(self, ir: Array, vi: Array) -> tuple[list[Array], list[Array]]:
-        """Each modality's PPM nodes after two rounds of cross-modal edge gating."""
-        nodes_ir, nodes_vi = self.ppm_ir(ir), self.ppm_vi(vi)
+    def ppm_convs(self, ir: Array, vi: Array) -> tuple[list[Array], list[Array]]:
+        """The PPM convolutions, before their BatchNorms (per sample)."""
+        return [c.conv(ir) for c in self.ppm_ir.convs], [c.conv(vi) for c in self.ppm_vi.convs]
+
+    def ppm_normalize(self, pre_ir: list[Array], pre_vi: list[Array]):
+        """The PPM BatchNorms + ReLUs (batch statistics in training)."""
+        return ([c.normalize(y) for c, y in zip(self.ppm_ir.convs, pre_ir)],
+                [c.normalize(y) for c, y in zip(self.ppm_vi.convs, pre_vi)])
+
+    def exchange(self, nodes_ir: list[Array], nodes_vi: list[Array]):
+        """Two rounds of cross-modal edge gating per node (per sample)."""
+        nodes_ir, nodes_vi = list(nodes_ir), list(nodes_vi)
         for i in range(len(nodes_ir)):
             for _ in range(2):
                 nodes_ir[i], nodes_vi[i] = self._exchange(nodes_ir[i], nodes_vi[i])
         return nodes_ir, nodes_vi
 
-    def __call__(self, ir: Array, vi: Array) -> tuple[list[Array], list[Array]]:
-        nodes_ir, nodes_vi = self.nodes(ir, vi)
+    def iterate(self, nodes_ir: list[Array], nodes_vi: list[Array]):
+        """`n_iter` graph-model iterations per modality (per sample)."""
         for _ in range(self.n_iter):
             nodes_ir = self.graph_ir(nodes_ir)
         for _ in range(self.n_iter):
             nodes_vi = self.graph_vi(nodes_vi)
         return nodes_ir, nodes_vi
+
+    def nodes(self, ir: Array, vi: Array) -> tuple[list[Array], list[Array]]:
+        """Each modality's PPM nodes after two rounds of cross-modal edge gating."""
+        return self.exchange(*self.ppm_normalize(*self.ppm_convs(ir, vi)))
+
+    def __call__(self, ir: Array, vi: Array) -> tuple[list[Array], list[Array]]:
+        return self.iterate(*self.nodes(ir, vi))
 
 
 class GR(nnx.Module):
@@ -465,7 +488,10 @@ class GR(nnx.Module):
         nodes_ir, nodes_vi = self.reasoning(ir, vi)
         f_ir = self.concat_ir(jnp.concatenate(nodes_ir, axis=-1))
         f_vi = self.concat_vi(jnp.concatenate(nodes_vi, axis=-1))
-        return self.fuse(jnp.concatenate([f_ir, f_vi], axis=-1)), f_ir, f_vi
+        return self.fuse_modalities(f_ir, f_vi), f_ir, f_vi
+
+    def fuse_modalities(self, f_ir: Array, f_vi: Array) -> Array:
+        return self.fuse(jnp.concatenate([f_ir, f_vi], axis=-1))
 
 
 # --------------------------------------------------------------------------- fusion layers
@@ -529,8 +555,9 @@ SUBMODELS = ("encoder", "decoder", "graph", "base_fuse", "detail_fuse")
 class SMFNet(nnx.Module):
     """The five sub-models and the reference's two forward paths.
 
-    Inputs are NHWC (N, H, W, 1) in [0, 1]. Both modalities go through the shared encoder
-    as one batch (exact: the encoder has no batch statistics).
+    Inputs are NHWC (N, H, W, 1) in [0, 1]. The training forward passes are sequences of
+    `Stage`s (PHASE1_STAGES, PHASE2_STAGES) so that `train.step` can run the per-sample
+    ones a slice of the batch at a time.
     """
 
     def __init__(self, *, rngs: nnx.Rngs):
@@ -540,41 +567,115 @@ class SMFNet(nnx.Module):
         self.base_fuse = BaseFuseLayer(rngs=rngs)
         self.detail_fuse = DetailFuseLayer(rngs=rngs)
 
-    def encode_pair(self, vi: Array, ir: Array) -> dict[str, Array]:
-        n = vi.shape[0]
-        base, detail, shallow, level1 = self.encoder(jnp.concatenate([vi, ir], axis=0))
-        out = {}
-        for name, t in (("base", base), ("detail", detail), ("shallow", shallow), ("level1", level1)):
-            out[f"vi_{name}"], out[f"ir_{name}"] = t[:n], t[n:]
-        return out
+    def run_stages(self, stages: tuple[Stage, ...], vi: Array, ir: Array) -> dict[str, Array]:
+        values = {"vi": vi, "ir": ir}
+        for stage in stages:
+            values.update(stage.apply(self, {k: values[k] for k in stage.inputs}))
+        del values["vi"], values["ir"]
+        return values
 
     def phase1(self, vi: Array, ir: Array) -> dict[str, Array]:
         """Phase-I reconstruction of each modality from detail + base + its graph feature."""
-        out = self.encode_pair(vi, ir)
-        _, g_ir, g_vi = self.graph(out["vi_level1"], out["ir_level1"])
-        feats = jnp.concatenate([out["vi_detail"] + out["vi_base"] + g_vi,
-                                 out["ir_detail"] + out["ir_base"] + g_ir], axis=0)
-        logits, feature = self.decoder(feats)
-        n = vi.shape[0]
-        out.update(graph_ir=g_ir, graph_vi=g_vi,
-                   vi_hat=jax.nn.sigmoid(logits[:n]), ir_hat=jax.nn.sigmoid(logits[n:]),
-                   vi_feature=feature[:n], ir_feature=feature[n:])
-        return out
+        return self.run_stages(PHASE1_STAGES, vi, ir)
 
     def phase2(self, vi: Array, ir: Array) -> dict[str, Array]:
         """Phase-II fusion (also the inference path)."""
-        out = self.encode_pair(vi, ir)
-        g, g_ir, g_vi = self.graph(out["vi_level1"], out["ir_level1"])
-        fuse_base = self.base_fuse(out["ir_base"] + out["vi_base"])
-        fuse_detail = self.detail_fuse(out["ir_detail"] + out["vi_detail"])
-        logits, feature = self.decoder(fuse_detail + fuse_base + g)
-        out.update(graph_fused=g, graph_ir=g_ir, graph_vi=g_vi, fuse_base=fuse_base,
-                   fuse_detail=fuse_detail, fused_logits=logits,
-                   fused=jax.nn.sigmoid(logits), fused_feature=feature)
-        return out
+        return self.run_stages(PHASE2_STAGES, vi, ir)
 
     def __call__(self, vi: Array, ir: Array) -> Array:
         return self.phase2(vi, ir)["fused"]
+
+
+# --------------------------------------------------------------------------- training stages
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One step of a training forward pass: `apply(model, {k: values[k] for k in inputs})`
+    returns new named values.
+
+    `per_sample` stages compute every row of their inputs independently (a sample, or one
+    modality's image of it for the encoder), so they may run on any split of those rows; the
+    others (the GR BatchNorms, with batch statistics in training, and the cheap reshuffles
+    of the two modalities) see the whole batch. `train.step` uses this to compute exact gradients a
+    micro-batch at a time; `SMFNet.phase1/phase2` just run the stages in order.
+    """
+    name: str
+    inputs: tuple[str, ...]
+    per_sample: bool
+    apply: Callable[[SMFNet, dict], dict]
+
+
+def _stack_modalities(m: SMFNet, v: dict) -> dict:
+    return {"images": jnp.concatenate([v["vi"], v["ir"]], axis=0)}
+
+
+def _encode(m: SMFNet, v: dict) -> dict:
+    """The shared encoder on both modalities as one batch of images (one compiled copy)."""
+    return dict(zip(("base", "detail", "shallow", "level1"), m.encoder(v["images"])))
+
+
+def _split_modalities(m: SMFNet, v: dict) -> dict:
+    n = v["base"].shape[0] // 2
+    return {f"{mod}_{name}": t[i * n:(i + 1) * n] for name, t in v.items()
+            for i, mod in enumerate(("vi", "ir"))}
+
+
+def _ppm_convs(m: SMFNet, v: dict) -> dict:
+    pre_ir, pre_vi = m.graph.reasoning.ppm_convs(v["ir_level1"], v["vi_level1"])
+    return {"ppm_pre_ir": pre_ir, "ppm_pre_vi": pre_vi}
+
+
+def _ppm_normalize(m: SMFNet, v: dict) -> dict:
+    nodes_ir, nodes_vi = m.graph.reasoning.ppm_normalize(v["ppm_pre_ir"], v["ppm_pre_vi"])
+    return {"ppm_ir": nodes_ir, "ppm_vi": nodes_vi}
+
+
+def _graph_reasoning(m: SMFNet, v: dict) -> dict:
+    gr = m.graph
+    nodes_ir, nodes_vi = gr.reasoning.iterate(*gr.reasoning.exchange(v["ppm_ir"], v["ppm_vi"]))
+    return {"concat_pre_ir": gr.concat_ir.conv(jnp.concatenate(nodes_ir, axis=-1)),
+            "concat_pre_vi": gr.concat_vi.conv(jnp.concatenate(nodes_vi, axis=-1))}
+
+
+def _concat_normalize(m: SMFNet, v: dict) -> dict:
+    return {"graph_ir": m.graph.concat_ir.normalize(v["concat_pre_ir"]),
+            "graph_vi": m.graph.concat_vi.normalize(v["concat_pre_vi"])}
+
+
+def _reconstruct(m: SMFNet, v: dict) -> dict:
+    """Phase-I head: each modality decoded from detail + base + its graph feature."""
+    n = v["vi_base"].shape[0]
+    x = jnp.concatenate([v["vi_detail"] + v["vi_base"] + v["graph_vi"],
+                         v["ir_detail"] + v["ir_base"] + v["graph_ir"]], axis=0)
+    logits, feature = m.decoder(x)
+    return {"vi_hat": jax.nn.sigmoid(logits[:n]), "ir_hat": jax.nn.sigmoid(logits[n:]),
+            "vi_feature": feature[:n], "ir_feature": feature[n:]}
+
+
+def _fuse(m: SMFNet, v: dict) -> dict:
+    """Phase-II head: the graph's fused feature, the fusion layers and the decoder."""
+    g = m.graph.fuse_modalities(v["graph_ir"], v["graph_vi"])
+    fuse_base = m.base_fuse(v["ir_base"] + v["vi_base"])
+    fuse_detail = m.detail_fuse(v["ir_detail"] + v["vi_detail"])
+    logits, feature = m.decoder(fuse_detail + fuse_base + g)
+    return {"graph_fused": g, "fuse_base": fuse_base, "fuse_detail": fuse_detail,
+            "fused_logits": logits, "fused": jax.nn.sigmoid(logits), "fused_feature": feature}
+
+
+_SHARED_STAGES = (
+    Stage("stack_modalities", ("vi", "ir"), False, _stack_modalities),
+    Stage("encode", ("images",), True, _encode),
+    Stage("split_modalities", ("base", "detail", "shallow", "level1"), False, _split_modalities),
+    Stage("gr_ppm_convs", ("ir_level1", "vi_level1"), True, _ppm_convs),
+    Stage("gr_ppm_batchnorm", ("ppm_pre_ir", "ppm_pre_vi"), False, _ppm_normalize),
+    Stage("gr_reasoning", ("ppm_ir", "ppm_vi"), True, _graph_reasoning),
+    Stage("gr_concat_batchnorm", ("concat_pre_ir", "concat_pre_vi"), False, _concat_normalize),
+)
+PHASE1_STAGES = _SHARED_STAGES + (Stage(
+    "reconstruct", ("vi_base", "ir_base", "vi_detail", "ir_detail", "graph_ir", "graph_vi"),
+    True, _reconstruct),)
+PHASE2_STAGES = _SHARED_STAGES + (Stage(
+    "fuse", ("vi_base", "ir_base", "vi_detail", "ir_detail", "graph_ir", "graph_vi"),
+    True, _fuse),)
 
 
 def create_model(seed: int = 0) -> SMFNet:

@@ -2,6 +2,8 @@
 
   python -m train.bench                      # phase II, batch 6, 128x128 (the reference recipe)
   python -m train.bench --phase 1 --batch 2 --size 128 --steps 5 --json out.json
+  python -m train.bench --microbatches 1     # whole-batch gradient (the auto default on CPU
+                                             # is one sample per micro-batch)
 
 Each measurement runs in this process on synthetic data; peak memory is the process's
 peak resident set size (ru_maxrss), compilation included.
@@ -24,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=6, help="global batch size")
     p.add_argument("--size", type=int, default=128, help="patch size (square)")
     p.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
+    p.add_argument("--microbatches", type=int, default=0,
+                   help="exact gradient over this many slices of each device's batch (less "
+                        "memory); 0: auto (one sample per slice on CPU, 1 on GPU/TPU)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args(argv)
@@ -38,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = msrs.get_config()
     cfg.compute_dtype = args.dtype
+    from train.step import resolve_microbatches
+    cfg.microbatches = resolve_microbatches(args.microbatches, args.batch)
+    if args.batch % (cfg.microbatches * jax.device_count()):
+        p.error(f"--batch {args.batch} must be divisible by --microbatches x devices")
     mesh = make_mesh()
     graphdef, state = init_train_state(create_model(0), cfg)
     state = _replicate(state, mesh)
@@ -59,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         times.append(time.perf_counter() - t0)
     sec = float(np.median(times))
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    out = {"phase": args.phase, "batch": args.batch, "size": args.size, "dtype": args.dtype,
+    out = {"phase": args.phase, "batch": args.batch, "microbatches": cfg.microbatches,
+           "size": args.size, "dtype": args.dtype,
            "devices": jax.device_count(), "platform": jax.devices()[0].platform,
            "first_step_s": round(first, 2), "seconds_per_step": round(sec, 3),
            "steps_per_s": round(1 / sec, 4), "samples_per_s": round(args.batch / sec, 3),

@@ -17,6 +17,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.crop_size = 0           # >0: train on seeded square crops of this size (smoke runs)
 
     c.batch_size = 6               # global batch, split over all devices of all processes
+    c.microbatches = 0             # exact gradient over this many slices of each device's batch
+                                   # (less memory, +20% compute); 0: auto, one sample per slice
+                                   # on CPU, whole batch on GPU/TPU (train/step.py)
     c.num_epochs = 120
     c.phase1_epochs = 40           # epochs of phase I (encoder, decoder, graph only)
     c.steps_per_epoch = -1         # -1: len(data) // batch_size; >0 caps an epoch (smoke runs)

@@ -12,6 +12,7 @@ def get_config():
     c.data.synthetic_size = 32
     c.data.crop_size = 32          # real 128x128 patches (data.h5) are cropped to this size
     c.batch_size = 2
+    c.microbatches = 1             # whole batch: compiles faster, and 32x32 fits in cache anyway
     c.num_epochs = 4
     c.phase1_epochs = 2
     c.steps_per_epoch = 6
