@@ -342,7 +342,15 @@ class PPM(nnx.Module):
         self.convs = nnx.List([ConvBNReLU(dim, dim, dilation=d, rngs=rngs) for d in dilations])
 
     def __call__(self, x: Array) -> list[Array]:
-        return [conv(x) for conv in self.convs]
+        return self.normalize(self.conv_outputs(x))
+
+    def conv_outputs(self, x: Array) -> list[Array]:
+        """The dilated convolutions, before their BatchNorms (per sample)."""
+        return [c.conv(x) for c in self.convs]
+
+    def normalize(self, pre: list[Array]) -> list[Array]:
+        """BatchNorm + ReLU of each view (batch statistics in training)."""
+        return [c.normalize(y) for c, y in zip(self.convs, pre)]
 
 
 class ConvGRUCell(nnx.Module):
@@ -439,13 +447,10 @@ class GraphReasoning(nnx.Module):
         return new_ir, new_vi
 
     def ppm_convs(self, ir: Array, vi: Array) -> tuple[list[Array], list[Array]]:
-        """The PPM convolutions, before their BatchNorms (per sample)."""
-        return [c.conv(ir) for c in self.ppm_ir.convs], [c.conv(vi) for c in self.ppm_vi.convs]
+        return self.ppm_ir.conv_outputs(ir), self.ppm_vi.conv_outputs(vi)
 
     def ppm_normalize(self, pre_ir: list[Array], pre_vi: list[Array]):
-        """The PPM BatchNorms + ReLUs (batch statistics in training)."""
-        return ([c.normalize(y) for c, y in zip(self.ppm_ir.convs, pre_ir)],
-                [c.normalize(y) for c, y in zip(self.ppm_vi.convs, pre_vi)])
+        return self.ppm_ir.normalize(pre_ir), self.ppm_vi.normalize(pre_vi)
 
     def exchange(self, nodes_ir: list[Array], nodes_vi: list[Array]):
         """Two rounds of cross-modal edge gating per node (per sample)."""

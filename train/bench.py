@@ -44,9 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = msrs.get_config()
     cfg.compute_dtype = args.dtype
     from train.step import resolve_microbatches
-    cfg.microbatches = resolve_microbatches(args.microbatches, args.batch)
-    if args.batch % (cfg.microbatches * jax.device_count()):
-        p.error(f"--batch {args.batch} must be divisible by --microbatches x devices")
+    try:
+        cfg.microbatches = resolve_microbatches(args.microbatches, args.batch)
+    except ValueError as e:
+        p.error(str(e))
     mesh = make_mesh()
     graphdef, state = init_train_state(create_model(0), cfg)
     state = _replicate(state, mesh)

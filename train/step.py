@@ -74,15 +74,21 @@ def _cast_floats(tree, dtype):
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
+def _train_model(graphdef, params, batch_stats, compute) -> SMFNet:
+    """The model in train mode, its float parameters cast to the compute dtype."""
+    p = params if compute == jnp.float32 else _cast_floats(params, compute)
+    model = nnx.merge(graphdef, nnx.State(p), nnx.State(batch_stats))
+    model.train()
+    return model
+
+
 def make_loss_fn(graphdef, phase: int, cfg) -> Callable:
     """(params, batch_stats, vi, ir) -> (loss, (terms, new_batch_stats)), model in train mode."""
     compute = jnp.dtype(cfg.compute_dtype)
     objective = losses.phase1_loss if phase == 1 else losses.phase2_loss
 
     def loss_fn(params, batch_stats, vi, ir):
-        p = params if compute == jnp.float32 else _cast_floats(params, compute)
-        model = nnx.merge(graphdef, nnx.State(p), nnx.State(batch_stats))
-        model.train()
+        model = _train_model(graphdef, params, batch_stats, compute)
         forward = model.phase1 if phase == 1 else model.phase2
         out = forward(vi.astype(compute), ir.astype(compute))
         out = _cast_floats(out, jnp.float32)  # losses in f32 whatever the compute dtype
@@ -144,14 +150,8 @@ def make_microbatched_value_and_grad(graphdef, phase: int, cfg, k: int) -> Calla
         # the encoder's rows are images (2 per sample): it runs on half a micro-batch at a time
         return jax.tree.leaves(inputs)[0].shape[0] // batch
 
-    def model(params, stats):
-        p = params if compute == jnp.float32 else _cast_floats(params, compute)
-        m = nnx.merge(graphdef, nnx.State(p), nnx.State(stats))
-        m.train()
-        return m
-
     def run(stage, params, stats, inputs):
-        m = model(params, stats)
+        m = _train_model(graphdef, params, stats, compute)
         return stage.apply(m, inputs), nnx.to_pure_dict(nnx.state(m, nnx.BatchStat))
 
     def head_loss(params, stats, inputs, vi, ir):
@@ -236,12 +236,15 @@ def make_microbatched_value_and_grad(graphdef, phase: int, cfg, k: int) -> Calla
 def resolve_microbatches(setting: int, global_batch: int) -> int:
     """cfg.microbatches: >0 as given; 0 (auto): one sample per micro-batch on CPU, where it
     is both faster (each slice's activations stay in cache) and several times smaller in
-    memory, and the whole batch on GPU/TPU, where small slices would idle the device."""
-    if setting > 0:
+    memory, and the whole batch on GPU/TPU, where small slices would idle the device.
+    Raises ValueError unless the setting is 0 or divides the per-device batch."""
+    per_device = global_batch // jax.device_count()
+    if setting < 0 or (setting and per_device % setting):
+        raise ValueError(f"microbatches={setting} must be 0 (auto) or divide the per-device "
+                         f"batch {per_device}")
+    if setting:
         return setting
-    if jax.default_backend() == "cpu":
-        return max(1, global_batch // jax.device_count())
-    return 1
+    return max(1, per_device) if jax.default_backend() == "cpu" else 1
 
 
 def make_value_and_grad(graphdef, phase: int, cfg) -> Callable:
@@ -253,9 +256,6 @@ def make_value_and_grad(graphdef, phase: int, cfg) -> Callable:
         k = resolve_microbatches(cfg.microbatches, vi.shape[0])
         if k == 1:
             return whole(params, stats, vi, ir)
-        if vi.shape[0] % (k * jax.device_count()):
-            raise ValueError(f"microbatches={k} does not divide the per-device batch "
-                             f"{vi.shape[0]} // {jax.device_count()} devices")
         return make_microbatched_value_and_grad(graphdef, phase, cfg, k)(params, stats, vi, ir)
 
     return value_and_grad

@@ -97,9 +97,10 @@ class Trainer:
         n_dev = jax.device_count()
         if cfg.batch_size % n_dev:
             raise TrainingError(f"batch_size {cfg.batch_size} is not divisible by the {n_dev} devices")
-        if cfg.microbatches < 0 or (cfg.microbatches and (cfg.batch_size // n_dev) % cfg.microbatches):
-            raise TrainingError(f"microbatches={cfg.microbatches} must be 0 (auto) or divide the "
-                                f"per-device batch {cfg.batch_size // n_dev}")
+        try:
+            train_step_lib.resolve_microbatches(cfg.microbatches, cfg.batch_size)
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
 
         self.source = open_data(cfg)
         from train.data import steps_per_epoch
