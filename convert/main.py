@@ -30,8 +30,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from convert.mapping import KeyMapError, export_reference_weights
-    from convert.pth_io import PthError, save_pth
+    from smfnet_jax.torch_weights.mapping import KeyMapError, export_reference_weights
+    from smfnet_jax.torch_weights.pth_io import PthError, save_pth
     from smfnet_jax.checkpoint import CheckpointError, load_checkpoint, load_pth_model, save_converted
 
     try:

@@ -70,8 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tile", type=int, default=None,
                    help="fuse by tiles of this size (smfnet_jax.inference.fuse_tiled)")
     p.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels (default 32)")
-    p.add_argument("--no-fold", action="store_true",
-                   help="run the model as written, without fold_for_inference (for comparison)")
     p.add_argument("--no-cache", action="store_true",
                    help="disable the persistent compilation cache (measures a cold compile)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random input pair")
@@ -94,8 +92,8 @@ def run_one(args, h: int, w: int) -> dict:
     import numpy as np
 
     t_start = time.perf_counter()
-    from smfnet_jax.inference import (configure_xla_cpu, enable_compilation_cache, fuse_tiled,
-                                      tile_starts)
+    from smfnet_jax.inference import fuse_tiled, tile_starts
+    from smfnet_jax.runtime import configure_xla_cpu, enable_compilation_cache
     configure_xla_cpu()
     import jax
     import jax.numpy as jnp
@@ -107,7 +105,7 @@ def run_one(args, h: int, w: int) -> dict:
     if args.no_cache:
         jax.config.update("jax_enable_compilation_cache", False)
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    fuser = load_fuser(args.ckpt, cache=False, dtype=dtype, fold=not args.no_fold)
+    fuser = load_fuser(args.ckpt, cache=False, dtype=dtype)
     load_s = time.perf_counter() - t_start
     rss_loaded = _rss_peak_mb()
 
@@ -120,13 +118,12 @@ def run_one(args, h: int, w: int) -> dict:
     fn = fuser.compile(th, tw)
     compile_s = time.perf_counter() - t0
     flops = _flops(fn.compiled)
-    if not args.no_fold:
-        # The folded model runs the shared encoder in a 2-step loop, and XLA's cost analysis
-        # counts a loop body once: add one more encoder pass, costed on its own.
-        gd, st = nnx.split(fuser.model.encoder)
-        enc = jax.jit(lambda st, x: nnx.merge(gd, st)(x)).lower(
-            st, jax.ShapeDtypeStruct((1, th, tw, 1), dtype)).compile()
-        flops += _flops(enc)
+    # `SMFNet.fuse` runs the shared encoder in a 2-step loop, and XLA's cost analysis counts
+    # a loop body once: add one more encoder pass, costed on its own.
+    gd, st = nnx.split(fuser.model.encoder)
+    enc = jax.jit(lambda st, x: nnx.merge(gd, st)(x)).lower(
+        st, jax.ShapeDtypeStruct((1, th, tw, 1), dtype)).compile()
+    flops += _flops(enc)
     flops *= n_tiles
 
     rng = np.random.default_rng(args.seed)
@@ -157,7 +154,7 @@ def run_one(args, h: int, w: int) -> dict:
         "pixels_per_s": h * w / sec,
         "gflops": flops / sec / 1e9,
         "gflop_per_pair": flops / 1e9,
-        "flops_source": "xla_cost_analysis" + (" (+1 encoder pass for the loop)" if not args.no_fold else "")
+        "flops_source": "xla_cost_analysis (+1 encoder pass for the loop)"
                         + (" x tiles" if args.tile else ""),
         "peak_rss_mb": _rss_peak_mb(),
         "rss_after_load_mb": rss_loaded,
@@ -167,7 +164,6 @@ def run_one(args, h: int, w: int) -> dict:
         "load_s": load_s,
         "repeats": len(times),
         "dtype": args.dtype,
-        "folded": not args.no_fold,
         "tile": args.tile, "overlap": args.overlap if args.tile else None, "n_tiles": n_tiles,
         "cache_dir": str(cache_dir) if cache_dir else None,
         "device": str(jax.devices()[0].device_kind),
@@ -189,8 +185,6 @@ def _worker_argv(args, size: str) -> list[str]:
             "--overlap", str(args.overlap), "--worker", size]
     if args.tile:
         argv += ["--tile", str(args.tile)]
-    if args.no_fold:
-        argv.append("--no-fold")
     if args.no_cache:
         argv.append("--no-cache")
     return argv
@@ -243,7 +237,7 @@ def main(argv=None) -> int:
     if results and not failed:
         r0 = next(iter(results.values()))
         print(f"device: {r0['device']} ({r0['platform']}, {r0['cpu_count']} CPUs), dtype {r0['dtype']}, "
-              f"folded={r0['folded']}, FLOPs from {r0['flops_source']}, cache {r0['cache_dir']}")
+              f"FLOPs from {r0['flops_source']}, cache {r0['cache_dir']}")
     if args.json:
         atomic_write_json(args.json, results)
     return 1 if failed else 0

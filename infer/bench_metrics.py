@@ -22,20 +22,17 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from infer.evaluate import list_images, write_json_atomic
-from smfnet_jax.imageio import read_gray
+from infer.evaluate import write_json_atomic
+from smfnet_jax.imageio import match_by_stem, read_gray
 from smfnet_jax.metrics import evaluate_pair
 
 
 def load_pairs(ir_dir: Path, vi_dir: Path, fused_dir: Path | None):
-    ir, _ = list_images(ir_dir)
-    vi, _ = list_images(vi_dir)
-    fused = list_images(fused_dir)[0] if fused_dir is not None else None
-    stems = sorted(set(ir) & set(vi) & (set(fused) if fused is not None else set(ir)))
+    folders = {"ir": ir_dir, "vi": vi_dir} | ({"fused": fused_dir} if fused_dir is not None else {})
     pairs = []
-    for stem in stems:
-        a, b = read_gray(ir[stem]), read_gray(vi[stem])
-        f = read_gray(fused[stem]) if fused is not None else np.maximum(a, b)
+    for stem, paths in match_by_stem(folders)[0]:
+        a, b = read_gray(paths["ir"]), read_gray(paths["vi"])
+        f = read_gray(paths["fused"]) if fused_dir is not None else np.maximum(a, b)
         pairs.append((stem, f, a, b))
     return pairs
 

@@ -2,7 +2,8 @@
 
     python -m infer.evaluate --ir DIR --vi DIR --fused DIR [--ssim-range 255|2] [--json OUT]
 
-Images are paired by file stem across the three folders (PNG, JPEG, BMP, TIFF), read as
+Images are paired by file stem across the three folders (`smfnet_jax.imageio.match_by_stem`,
+the rule fusion and patch preparation use too), read as
 the reference evaluator reads them (cv2 GRAY: 0.299 R + 0.587 G + 0.114 B, rounded) and
 scored with :func:`smfnet_jax.metrics.evaluate_pair`. Prints one row per image and the
 mean row, columns in the papers' order (EN SD SF AG MI SCD VIF Qabf SSIM MSE CC PSNR).
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,7 +28,7 @@ import numpy as np
 from smfnet_jax.fileio import atomic_write_json
 from tqdm import tqdm
 
-from smfnet_jax.imageio import IMAGE_EXTENSIONS, read_gray
+from smfnet_jax.imageio import IMAGE_EXTENSIONS, match_by_stem, natural_key, read_gray
 from smfnet_jax.metrics import METRIC_NAMES, evaluate_pair
 
 EXIT_OK = 0
@@ -39,31 +39,8 @@ MEAN_KEY = "mean"
 Results = Dict[str, Dict[str, float]]
 
 
-def _natural_key(stem: str):
-    """Sort '2' before '10' (TNO and RoadScene names are numbers)."""
-    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", stem) if t]
-
-
-def list_images(folder: Path) -> Tuple[Dict[str, Path], List[Tuple[str, str]]]:
-    """Image files of a folder by stem, and (stem, reason) for stems held by several files."""
-    by_stem: Dict[str, List[Path]] = {}
-    for p in sorted(Path(folder).iterdir()):
-        if p.name.startswith(".") or p.suffix.lower() not in IMAGE_EXTENSIONS or p.is_dir():
-            continue  # (a broken link is kept: reading it then reports the problem)
-        by_stem.setdefault(p.stem, []).append(p)
-    images, problems = {}, []
-    for stem, paths in by_stem.items():
-        if len(paths) == 1:
-            images[stem] = paths[0]
-        else:
-            problems.append((stem, f"several files share this name in {folder}: "
-                                   f"{', '.join(p.name for p in paths)}"))
-    return images, problems
-
-
 def _sorted_messages(problems: List[Tuple[str, str]]) -> List[str]:
-    return [f"{stem}: {reason}" for stem, reason in
-            sorted(problems, key=lambda p: _natural_key(p[0]))]
+    return [f"{stem}: {reason}" for stem, reason in sorted(problems, key=lambda p: natural_key(p[0]))]
 
 
 def match_triplets(ir_dir, vi_dir, fused_dir) -> Tuple[List[Tuple[str, Path, Path, Path]], List[str]]:
@@ -77,26 +54,14 @@ def match_triplets(ir_dir, vi_dir, fused_dir) -> Tuple[List[Tuple[str, Path, Pat
 
 
 def _match_triplets(ir_dir, vi_dir, fused_dir):
-    folders = {"ir": Path(ir_dir), "vi": Path(vi_dir), "fused": Path(fused_dir)}
-    found, problems = {}, []
-    for role, folder in folders.items():
-        found[role], dup = list_images(folder)
-        problems += dup
-    ambiguous = {stem for stem, _ in problems}
+    matches, problems = match_by_stem({"ir": Path(ir_dir), "vi": Path(vi_dir), "fused": Path(fused_dir)})
     triplets = []
-    for stem in sorted(set().union(*found.values()), key=_natural_key):
-        if stem in ambiguous:
-            continue
-        missing = [role for role in folders if stem not in found[role]]
-        if missing:
-            have = ", ".join(str(found[r][stem]) for r in folders if r not in missing)
-            where = " and ".join(f"the {r} folder {folders[r]}" for r in missing)
-            problems.append((stem, f"no file in {where} (found {have})"))
-        elif stem == MEAN_KEY:
+    for stem, paths in matches:
+        if stem == MEAN_KEY:
             problems.append((stem, f"the name '{MEAN_KEY}' is reserved for the mean row, "
-                                   f"rename {found['fused'][stem]}"))
+                                   f"rename {paths['fused']}"))
         else:
-            triplets.append((stem, found["ir"][stem], found["vi"][stem], found["fused"][stem]))
+            triplets.append((stem, paths["ir"], paths["vi"], paths["fused"]))
     return triplets, problems
 
 

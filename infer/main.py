@@ -32,6 +32,7 @@ from smfnet_jax.imageio import (
     ImageReadError,
     float_to_uint8,
     is_grey,
+    match_by_stem,
     read_image,
     rgb_to_gray,
     rgb_to_ycrcb,
@@ -77,41 +78,11 @@ class Failure:
     reason: str
 
 
-def list_images(folder: Path) -> tuple[dict[str, Path], list[Failure]]:
-    """Image files of a folder by stem; two files with one stem are an error for that stem."""
-    by_stem: dict[str, list[Path]] = {}
-    for p in sorted(folder.iterdir()):
-        if p.name.startswith(".") or p.suffix.lower() not in IMAGE_EXTENSIONS:
-            continue
-        by_stem.setdefault(p.stem, []).append(p)
-    images, problems = {}, []
-    for stem, paths in by_stem.items():
-        if len(paths) == 1:
-            images[stem] = paths[0]
-        else:
-            problems.append(Failure(stem, "several files share this name in "
-                                    f"{folder}: {', '.join(p.name for p in paths)}"))
-    return images, problems
-
-
 def find_pairs(ir_dir: Path, vi_dir: Path) -> tuple[list[Pair], list[Failure]]:
     """Match the two folders by file stem; unmatched or ambiguous names become failures."""
-    ir, ir_problems = list_images(ir_dir)
-    vi, vi_problems = list_images(vi_dir)
-    failures = ir_problems + vi_problems
-    bad = {f.name for f in failures}
-    pairs = []
-    for stem in sorted(set(ir) | set(vi)):
-        if stem in bad:
-            continue
-        if stem not in vi:
-            failures.append(Failure(stem, f"{ir[stem]} has no partner in {vi_dir}"))
-        elif stem not in ir:
-            failures.append(Failure(stem, f"{vi[stem]} has no partner in {ir_dir}"))
-        else:
-            pairs.append(Pair(stem, ir[stem], vi[stem]))
-    failures.sort(key=lambda f: f.name)
-    return pairs, failures
+    matches, problems = match_by_stem({"ir": ir_dir, "vi": vi_dir})
+    return ([Pair(stem, paths["ir"], paths["vi"]) for stem, paths in matches],
+            [Failure(stem, reason) for stem, reason in problems])
 
 
 # ----------------------------------------------------------------------------- one pair

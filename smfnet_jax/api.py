@@ -19,36 +19,35 @@ import numpy as np
 from flax import nnx
 
 from smfnet_jax.checkpoint import Loaded, load_checkpoint
-from smfnet_jax.inference import configure_xla_cpu, enable_compilation_cache, fold_for_inference
+from smfnet_jax.layers import cast_floats
 from smfnet_jax.model import SMFNet
+from smfnet_jax.runtime import configure_xla_cpu, enable_compilation_cache
 
 
 class Fuser:
-    """Fuses (ir, vi) pairs with an SMFNet in eval mode (BatchNorm running statistics).
+    """Fuses (ir, vi) pairs with `SMFNet.fuse` in eval mode (BatchNorm running statistics).
 
-    fold: apply `fold_for_inference` (exact up to float rounding; on by default).
     dtype: compute dtype. `jnp.bfloat16` casts the parameters to bf16 once and computes in
     bf16 (meant for GPU/TPU; slow on CPU); the output is always float32.
-    The model passed in is not modified.
+    The model passed in is not modified (the fuser keeps an eval-mode copy).
     """
 
-    def __init__(self, model: SMFNet, *, dtype=jnp.float32, fold: bool = True):
-        model = fold_for_inference(model) if fold else _eval_copy(model)
+    def __init__(self, model: SMFNet, *, dtype=jnp.float32):
+        model = nnx.clone(model)
+        model.eval()
         graphdef, state = nnx.split(model)
         self.dtype = jnp.dtype(dtype)
-        self.folded = fold
         compute = self.dtype
         if compute != jnp.float32:
-            state = jax.tree.map(
-                lambda x: x.astype(compute) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
+            state = cast_floats(state, compute)
 
         def fuse(state, ir, vi):
             m = nnx.merge(graphdef, state)
-            out = m(vi[None, :, :, None].astype(compute), ir[None, :, :, None].astype(compute))
+            out = m.fuse(vi[None, :, :, None].astype(compute), ir[None, :, :, None].astype(compute))
             return out[0, :, :, 0].astype(jnp.float32)
 
         self._state = state
-        self.model = model  # the (folded) eval-mode model the program was built from
+        self.model = model  # the eval-mode model the program was built from
         self._fuse = jax.jit(fuse)
 
     def lower(self, height: int, width: int):
@@ -79,18 +78,12 @@ class Fuser:
         return np.asarray(self._fuse(self._state, ir, vi))
 
 
-def _eval_copy(model: SMFNet) -> SMFNet:
-    model = nnx.clone(model)
-    model.eval()
-    return model
-
-
 def load_fuser(ckpt: str | os.PathLike, *, cache: bool = True, **kwargs) -> Fuser:
     """A `Fuser` from a reference `.pth`, a converted orbax directory, or a training workdir.
 
     cache: enable the persistent compilation cache (`enable_compilation_cache`; location
     from $SMFNET_JAX_CACHE, default ~/.cache/smfnet_jax/xla, SMFNET_JAX_CACHE=off disables).
-    Other keyword arguments go to `Fuser` (dtype, fold). Called before any JAX computation
+    Other keyword arguments go to `Fuser` (dtype). Called before any JAX computation
     in the process, it also sets the memory-saving XLA:CPU flags (`configure_xla_cpu`).
     """
     configure_xla_cpu()

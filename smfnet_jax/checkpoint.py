@@ -16,6 +16,8 @@ import numpy as np
 from flax import nnx
 
 from smfnet_jax.model import SMFNet, abstract_model, create_model
+from smfnet_jax.torch_weights.mapping import extras_template, load_reference_weights
+from smfnet_jax.torch_weights.pth_io import load_pth
 
 MODEL_ITEM = "model"
 EXTRAS_ITEM = "extras"
@@ -89,7 +91,6 @@ def _restore_dir(path: Path, step: int | None) -> Loaded:
             raise CheckpointError(f"{path}: step {step} has no '{MODEL_ITEM}' item (items: {sorted(items)})")
         args = {MODEL_ITEM: ocp.args.StandardRestore(model_state_template())}
         if EXTRAS_ITEM in items:
-            from convert.mapping import extras_template
             args[EXTRAS_ITEM] = ocp.args.StandardRestore(extras_template())
         if META_ITEM in items:
             args[META_ITEM] = ocp.args.JsonRestore()
@@ -104,8 +105,6 @@ def _restore_dir(path: Path, step: int | None) -> Loaded:
 
 
 def load_pth_model(path: str | os.PathLike) -> Loaded:
-    from convert.mapping import load_reference_weights
-    from convert.pth_io import load_pth
     ckpt = load_pth(path)
     model = create_model(0)
     extras = load_reference_weights(model, ckpt, source=str(path))

@@ -28,6 +28,7 @@ saturated to 0..255 and NaN becomes 0 (see :func:`float_to_uint8`).
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -50,10 +51,14 @@ __all__ = [
     "write_png",
     "write_npy",
     "IMAGE_EXTENSIONS",
+    "list_images",
+    "match_by_stem",
+    "natural_key",
 ]
 
-# Extensions the fusion CLI looks for (compared lower-case).
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# Extensions of the image files that fusion, evaluation and preparation look for (any case).
+# The reference's dataprocessing.py list, less .npy (its image reader cannot open it).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".dib", ".tif", ".tiff", ".pbm", ".pgm", ".ppm")
 
 # OpenCV's float32 colour-conversion coefficients (colour.hpp / color_yuv.simd.hpp).
 _R2Y, _G2Y, _B2Y = np.float32(0.299), np.float32(0.587), np.float32(0.114)
@@ -247,3 +252,59 @@ def write_npy(path, array: np.ndarray) -> Path:
     """Atomically write an array as a .npy file."""
     array = np.asarray(array)
     return atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
+
+
+# --------------------------------------------------------------------------- folders of pairs
+def natural_key(stem: str):
+    """Sort '2' before '10' (TNO and RoadScene names are numbers)."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", stem) if t]
+
+
+def list_images(folder) -> tuple[dict[str, Path], list[tuple[str, str]]]:
+    """{stem: path} of the image files at the top level of `folder` (IMAGE_EXTENSIONS, any
+    case; hidden files and sub-folders skipped; a broken link is kept, so that reading it
+    reports the problem), and (stem, reason) for every stem that several files share."""
+    folder = Path(folder)
+    by_stem: dict[str, list[Path]] = {}
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith(".") or p.suffix.lower() not in IMAGE_EXTENSIONS or p.is_dir():
+            continue
+        by_stem.setdefault(p.stem, []).append(p)
+    images, problems = {}, []
+    for stem, paths in by_stem.items():
+        if len(paths) == 1:
+            images[stem] = paths[0]
+        else:
+            problems.append((stem, f"several files share this name in {folder}: "
+                                   f"{', '.join(p.name for p in paths)}"))
+    return images, problems
+
+
+def match_by_stem(folders: dict[str, Path]) -> tuple[list[tuple[str, dict[str, Path]]],
+                                                     list[tuple[str, str]]]:
+    """Match image files across folders by file stem (`01.png` with `01.jpg`).
+
+    `folders` maps a role ("ir", "vi", "fused", ...) to a folder. Returns `matches`, a list
+    of (stem, {role: path}) for every stem found exactly once in every folder, and
+    `problems`, (stem, reason) for every other stem: several files with that stem in one
+    folder, or no file in another (the reason names the folders and the files found). Both
+    lists are in natural order of the stems (2 before 10). Fusion, evaluation and patch
+    preparation all pair their inputs with this.
+    """
+    found, problems = {}, []
+    for role, folder in folders.items():
+        found[role], duplicates = list_images(folder)
+        problems += duplicates
+    ambiguous = {stem for stem, _ in problems}
+    matches = []
+    for stem in set().union(*found.values()) - ambiguous:
+        missing = [role for role in folders if stem not in found[role]]
+        if missing:
+            have = ", ".join(str(found[r][stem]) for r in folders if r not in missing)
+            where = " and ".join(f"the {r} folder {folders[r]}" for r in missing)
+            problems.append((stem, f"no file in {where} (found {have})"))
+        else:
+            matches.append((stem, {role: found[role][stem] for role in folders}))
+    matches.sort(key=lambda m: natural_key(m[0]))
+    problems.sort(key=lambda p: natural_key(p[0]))
+    return matches, problems

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -50,20 +50,11 @@ def normal_init(std: float) -> Callable:
     return init
 
 
-def conv_nhwc(x: Array, kernel: Array, *, padding: int = 0, dilation: int = 1,
-              groups: int = 1) -> Array:
-    """Stride-1 convolution of NHWC input with an HWIO kernel and symmetric zero padding."""
-    if padding:
-        x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    if groups == 1:
-        return conv_valid(x, kernel, dilation)
-    return _xla_conv(x, kernel, dilation, groups)
-
-
-def _xla_conv(x: Array, kernel: Array, dilation: int, groups: int = 1) -> Array:
+def _xla_conv(x: Array, kernel: Array, dilation: int, groups: int = 1, padding: int = 0) -> Array:
     return jax.lax.conv_general_dilated(
-        x, kernel, window_strides=(1, 1), padding="VALID", rhs_dilation=(dilation, dilation),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+        x, kernel, window_strides=(1, 1), padding=((padding, padding), (padding, padding)),
+        rhs_dilation=(dilation, dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=groups)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -101,11 +92,46 @@ def _conv_bwd(dilation, residuals, g):
 conv_valid.defvjp(_conv_fwd, _conv_bwd)
 
 
+def pad_hw(x: Array, padding: int, mode: str = "zeros") -> Array:
+    """Pad the two spatial axes of NHWC `x` by `padding` ("zeros" or "reflect")."""
+    if not padding:
+        return x
+    return jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)),
+                   mode="reflect" if mode == "reflect" else "constant")
+
+
+def dense_conv(x: Array, kernel: Array, *, padding: int = 0, dilation: int = 1,
+               pad_mode: str = "zeros", deterministic: bool = False) -> Array:
+    """Stride-1 dense convolution of NHWC `x` with an HWIO kernel, by the fastest exact route.
+
+    A 1x1 conv is a matmul over channels (XLA:CPU runs dot_general ~3x faster than a 1x1
+    convolution, forward and backward). Otherwise, in train mode the input is padded and
+    convolved by `conv_valid`, whose hand-written backward runs at forward speed; in eval
+    mode (`deterministic`, no gradient expected) zero padding happens inside XLA's
+    convolution, which saves the padded copy of the input.
+    """
+    if kernel.shape[:2] == (1, 1) and not padding:
+        return jnp.einsum("nhwc,cd->nhwd", x, kernel[0, 0])
+    if deterministic and pad_mode == "zeros":
+        return _xla_conv(x, kernel, dilation, padding=padding)
+    return conv_valid(pad_hw(x, padding, pad_mode), kernel, dilation)
+
+
 class Conv2d(nnx.Module):
     """2-D convolution, NHWC input, HWIO kernel (PyTorch OIHW is converted at the edges).
 
     `pad_mode="reflect"` pads by `padding` with reflection first and convolves unpadded,
     as `nn.ReflectionPad2d` + `nn.Conv2d(padding=0)` does in the reference.
+
+    Two exact shortcuts save copies that the reference makes:
+    - the input may be a list of arrays standing for their concatenation along channels:
+      the conv is then summed over the parts with the matching rows of the kernel, and the
+      concatenated tensor is never built;
+    - `out=slice(...)` computes only those output channels (e.g. q, k and v of a qkv
+      projection each from their own kernel slice instead of splitting a 3C-channel
+      tensor); for a depthwise conv the input then holds just those channels.
+    `deterministic` is NNX's eval-mode flag (set by `model.eval()` / `model.train()`); it
+    picks the convolution routine (`dense_conv`), never the result.
     """
 
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 1, *, padding: int = 0,
@@ -124,33 +150,43 @@ class Conv2d(nnx.Module):
         self.dilation = dilation
         self.groups = groups
         self.pad_mode = pad_mode
+        self.deterministic = False
 
-    def __call__(self, x: Array) -> Array:
-        kernel = self.kernel[...].astype(x.dtype)
-        kh, kw, cin_g, cout = kernel.shape
-        if kh == 1 and kw == 1 and self.groups == 1 and self.padding == 0:
-            # A 1x1 conv is a matmul over channels; XLA:CPU runs dot_general ~3x faster
-            # than a 1x1 convolution (forward and backward).
-            y = jnp.einsum("nhwc,cd->nhwd", x, kernel[0, 0])
-        elif self.groups == x.shape[-1] and cin_g == 1 and cout == self.groups:
-            y = self._depthwise(x, kernel)
-        elif self.groups == 1:
-            y = conv_valid(self._pad(x), kernel, self.dilation)
+    def __call__(self, x: Array | Sequence[Array], out: slice | None = None) -> Array:
+        parts = list(x) if isinstance(x, (list, tuple)) else [x]
+        kernel = self.kernel[...]
+        bias = None if self.bias is None else self.bias[...]
+        if out is not None:
+            kernel = kernel[..., out]
+            bias = None if bias is None else bias[out]
+        kernel = kernel.astype(parts[0].dtype)
+        if self.groups == 1:
+            y = self._dense_of_parts(parts, kernel)
+        elif len(parts) == 1 and kernel.shape[2] == 1 and kernel.shape[3] == parts[0].shape[-1]:
+            # depthwise: shifted multiply-adds (XLA:CPU's grouped conv is 3-7x slower)
+            y = depthwise_valid(pad_hw(parts[0], self.padding, self.pad_mode), kernel[:, :, 0, :],
+                                self.dilation)
+        elif len(parts) == 1 and out is None:
+            y = _xla_conv(pad_hw(parts[0], self.padding, self.pad_mode), kernel, self.dilation,
+                          self.groups)
         else:
-            y = _xla_conv(self._pad(x), kernel, self.dilation, self.groups)
-        if self.bias is not None:
-            y = y + self.bias[...].astype(y.dtype)
+            raise ValueError("a grouped conv takes one input, and output slices only when depthwise")
+        if bias is not None:
+            y = y + bias.astype(y.dtype)
         return y
 
-    def _pad(self, x: Array) -> Array:
-        p = self.padding
-        if not p:
-            return x
-        mode = "reflect" if self.pad_mode == "reflect" else "constant"
-        return jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)), mode=mode)
-
-    def _depthwise(self, x: Array, kernel: Array) -> Array:
-        return depthwise_valid(self._pad(x), kernel[:, :, 0, :], self.dilation)
+    def _dense_of_parts(self, parts: list[Array], kernel: Array) -> Array:
+        sizes = [p.shape[-1] for p in parts]
+        if sum(sizes) != kernel.shape[2]:
+            raise ValueError(f"conv with {kernel.shape[2]} input channels got parts of {sizes}")
+        y, start = None, 0
+        for part, c in zip(parts, sizes):
+            t = dense_conv(part, kernel[:, :, start:start + c] if len(parts) > 1 else kernel,
+                           padding=self.padding, dilation=self.dilation, pad_mode=self.pad_mode,
+                           deterministic=self.deterministic)
+            y = t if y is None else y + t
+            start += c
+        return y
 
 
 def _shift_sum(xp: Array, k: Array, dilation: int) -> Array:
@@ -256,6 +292,11 @@ class BatchNorm2d(nnx.Module):
         return x * inv.astype(x.dtype) + shift.astype(x.dtype)
 
 
+def cast_floats(tree, dtype):
+    """Every floating-point leaf of `tree` cast to `dtype` (integer leaves, e.g. counters, kept)."""
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
 def gelu(x: Array) -> Array:
     """PyTorch's default GELU is the exact erf form; the tanh form misses parity by 1e-4."""
     return jax.nn.gelu(x, approximate=False)
@@ -295,9 +336,22 @@ def channel_attention_matrix(q: Array, k: Array, temperature: Array, heads: int)
     return jnp.einsum("nhcd,hg->nhdgc", attn, jnp.eye(heads, dtype=attn.dtype)).reshape(n, c, c)
 
 
-def channel_attention(q: Array, k: Array, v: Array, temperature: Array, heads: int) -> Array:
-    """Transposed (channel) attention of Restormer's MDTA, on NHWC q/k/v
-    (see `channel_attention_matrix`)."""
+def channel_attention(q: Array, k: Array, v: Array, temperature: Array, heads: int,
+                      project: Conv2d | None = None) -> Array:
+    """Transposed (channel) attention of Restormer's MDTA on NHWC q/k/v, followed by the
+    1x1 output projection `project` (if given).
+
+    The projection is merged into the attention matrix: with B from
+    `channel_attention_matrix` and P the projection's kernel, the output is v @ (B @ P) per
+    image, one pixels x C @ C x C' matmul instead of two. Equal up to float rounding.
+    """
     n, h, w, c = v.shape
-    b = channel_attention_matrix(q, k, temperature, heads).astype(v.dtype)
-    return jnp.einsum("nsc,nce->nse", v.reshape(n, h * w, c), b).reshape(n, h, w, c)
+    b = channel_attention_matrix(q, k, temperature, heads)          # float32
+    if project is not None:
+        if project.kernel.shape[:2] != (1, 1) or project.groups != 1:
+            raise ValueError("channel_attention: the projection must be a dense 1x1 conv")
+        b = jnp.einsum("ncd,de->nce", b, project.kernel[...][0, 0].astype(jnp.float32))
+    y = jnp.einsum("nsc,nce->nse", v.reshape(n, h * w, c), b.astype(v.dtype))
+    if project is not None and project.bias is not None:
+        y = y + project.bias[...].astype(y.dtype)
+    return y.reshape(n, h, w, -1)

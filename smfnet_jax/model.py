@@ -7,8 +7,8 @@ Parts, named after the paper (reference class names in brackets):
   attention + invertible detail node) [GRDB_module + DetailFeatureExtraction_Encoder].
 - `GR` [CGR_backbone]: graph reasoning between the two modalities' level-1 features
   (PPM nodes, cross-modal edge gating, a graph model updated by a ConvGRU).
-- Fusion layers: `BaseFuseLayer` [BaseFeatureExtraction] and `DetailFuseLayer`
-  [DetailFeatureExtraction] (GRDB + two affine invertible blocks).
+- Fusion layers: the base one [BaseFeatureExtraction] is a `RestormerBlock`;
+  `DetailFuseLayer` [DetailFeatureExtraction] is a GRDB + two affine invertible blocks.
 - `Decoder` [Restormer_Decoder].
 
 `SMFNet` holds the five sub-models under the same split as the reference checkpoint
@@ -17,15 +17,12 @@ and clips each of them separately.
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from smfnet_jax.layers import (BatchNorm2d, Conv2d, LayerNorm, channel_attention, conv_nhwc, gelu,
+from smfnet_jax.layers import (BatchNorm2d, Conv2d, LayerNorm, channel_attention, dense_conv, gelu,
                                leaky_relu, normal_init, relu6)
 
 Array = jax.Array
@@ -43,15 +40,17 @@ class MDTA(nnx.Module):
         self.project_out = Conv2d(dim, dim, 1, bias=False, rngs=rngs)
 
     def __call__(self, x: Array) -> Array:
-        q, k, v = jnp.split(self.qkv_dw(self.qkv(x)), 3, axis=-1)
-        return self.project_out(channel_attention(q, k, v, self.temperature[...], self.heads))
+        # q, k and v each through their own slices of the two convs: no 3C-channel tensor
+        q, k, v = (self.qkv_dw(self.qkv(x, out=s), out=s) for s in _channel_slices(x.shape[-1], 3))
+        return channel_attention(q, k, v, self.temperature[...], self.heads, self.project_out)
 
 
 class DenseAttention(nnx.Module):
     """TransformerBase's attention [AttentionBase]: 1x1 then a dense 3x3 qkv projection.
 
-    Both convs are bias-free with zero padding, so they compose exactly into one 3x3 conv
-    with fewer input channels; `folded()` is used for inference (see `fold_for_inference`).
+    Both convs are bias-free and the 3x3 one zero-pads, so qkv2(qkv1(x)) is exactly one 3x3
+    conv of x with the composed kernel W[h, w, i, o] = sum_m W1[i, m] W2[h, w, m, o]: a
+    third of the FLOPs, no 3C-channel intermediate, differentiable in both weights.
     """
 
     def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs):
@@ -60,18 +59,14 @@ class DenseAttention(nnx.Module):
         self.qkv1 = Conv2d(dim, 3 * dim, 1, bias=False, rngs=rngs)
         self.qkv2 = Conv2d(3 * dim, 3 * dim, 3, padding=1, bias=False, rngs=rngs)
         self.proj = Conv2d(dim, dim, 1, bias=False, rngs=rngs)
-        self.qkv_folded = None  # set by fold_for_inference; then qkv1/qkv2 are bypassed
+        self.deterministic = False  # eval mode (model.eval()): picks the conv routine only
 
     def __call__(self, x: Array) -> Array:
-        if self.qkv_folded is not None:
-            qkv = self.qkv_folded(x)
-        else:
-            # qkv2(qkv1(x)) as one 3x3 conv with the composed kernel: exact algebra (no bias,
-            # zero padding) at a third of the FLOPs, and differentiable in both weights.
-            k = jnp.einsum("io,hwom->hwim", self.qkv1.kernel[...][0, 0], self.qkv2.kernel[...])
-            qkv = conv_nhwc(x, k.astype(x.dtype), padding=1)
-        q, k, v = jnp.split(qkv, 3, axis=-1)
-        return self.proj(channel_attention(q, k, v, self.scale[...], self.heads))
+        kernel = jnp.einsum("io,hwom->hwim", self.qkv1.kernel[...][0, 0],
+                            self.qkv2.kernel[...]).astype(x.dtype)
+        q, k, v = (dense_conv(x, kernel[..., s], padding=1, deterministic=self.deterministic)
+                   for s in _channel_slices(x.shape[-1], 3))
+        return channel_attention(q, k, v, self.scale[...], self.heads, self.proj)
 
 
 class LeFF(nnx.Module):
@@ -210,9 +205,10 @@ class GRDB(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         x = leaky_relu(self.conv(x), 0.2)
-        d = jnp.concatenate([x, leaky_relu(self.dense1(x), 0.2)], axis=-1)
-        d = jnp.concatenate([d, leaky_relu(self.dense2(d), 0.2)], axis=-1)
-        return leaky_relu(self.convdown(d) + self.convup(self.sobel(x)), 0.1)
+        d1 = leaky_relu(self.dense1(x), 0.2)
+        d2 = leaky_relu(self.dense2([x, d1]), 0.2)          # convs of the dense block's
+        return leaky_relu(self.convdown([x, d1, d2])        # concatenations, part by part
+                          + self.convup(self.sobel(x)), 0.1)
 
 
 # --------------------------------------------------------------------------- CAI
@@ -244,8 +240,8 @@ class CrossAttention(nnx.Module):
 
     def __call__(self, guide: Array, other: Array) -> Array:
         q = self.q_dw(self.q(guide))
-        k, v = jnp.split(self.kv_dw(self.kv(other)), 2, axis=-1)
-        return self.project_out(channel_attention(q, k, v, self.temperature[...], self.heads))
+        k, v = (self.kv_dw(self.kv(other, out=s), out=s) for s in _channel_slices(other.shape[-1], 2))
+        return channel_attention(q, k, v, self.temperature[...], self.heads, self.project_out)
 
 
 class DetailNode(nnx.Module):
@@ -323,11 +319,13 @@ class Decoder(nnx.Module):
 
 # --------------------------------------------------------------------------- GR
 class ConvBNReLU(nnx.Module):
+    """3x3 conv (of one input, or of the concatenation of a list of parts), BatchNorm, ReLU."""
+
     def __init__(self, cin: int, cout: int, *, dilation: int = 1, rngs: nnx.Rngs):
         self.conv = Conv2d(cin, cout, 3, padding=dilation, dilation=dilation, bias=False, rngs=rngs)
         self.bn = BatchNorm2d(cout)
 
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array | list[Array]) -> Array:
         return self.normalize(self.conv(x))
 
     def normalize(self, y: Array) -> Array:
@@ -356,34 +354,26 @@ class PPM(nnx.Module):
 class ConvGRUCell(nnx.Module):
     """1x1 ConvGRU: h' = (1 - u) * h + u * tanh(W [x, r * h]). Weights init N(0, 0.01).
 
-    The convs of the concatenations [x, h] and [x, r * h] are computed as sums of matmuls
-    with the kernels' row blocks, and the reset and update gates from their own columns:
-    the same products without concatenated or split copies (exact up to float rounding;
-    XLA:CPU spent more time copying the 128-channel tensors than multiplying them).
+    The convs of the concatenations [x, h] and [x, r * h] are summed over their parts, and
+    the reset and update gates come from their own output channels (`Conv2d` parts and
+    slices): the same products without concatenated or split copies.
     """
 
     def __init__(self, dim: int = 64, *, rngs: nnx.Rngs):
         normal = normal_init(0.01)
-        self.gates = Conv2d(2 * dim, 2 * dim, 1, kernel_init=normal, rngs=rngs)
+        self.gates = Conv2d(2 * dim, 2 * dim, 1, kernel_init=normal, rngs=rngs)    # -> [r | u]
         self.candidate = Conv2d(2 * dim, dim, 1, kernel_init=normal, rngs=rngs)
 
     def __call__(self, x: Array, h: Array) -> Array:
-        d = h.shape[-1]
-        wg = self.gates.kernel[...][0, 0].astype(x.dtype)       # rows: [x | h], cols: [r | u]
-        bg = self.gates.bias[...].astype(x.dtype)
-        wc = self.candidate.kernel[...][0, 0].astype(x.dtype)   # rows: [x | r * h]
-        bc = self.candidate.bias[...].astype(x.dtype)
-
-        def gate(cols):
-            return jax.nn.sigmoid(x @ wg[:d, cols] + h @ wg[d:, cols] + bg[cols])
-
-        reset, update = gate(slice(0, d)), gate(slice(d, 2 * d))
-        c = jnp.tanh(x @ wc[:d] + (reset * h) @ wc[d:] + bc)
+        reset, update = (jax.nn.sigmoid(self.gates([x, h], out=s))
+                         for s in _channel_slices(h.shape[-1], 2))
+        c = jnp.tanh(self.candidate([x, reset * h]))
         return (1 - update) * h + update * c
 
 
 class GraphModel(nnx.Module):
-    """One message-passing round over the nodes, with a ConvGRU update and a learned gamma.
+    """`n_iter` message-passing rounds over the nodes, each a ConvGRU update with a learned
+    gamma (the reference loops over one round; the weights are shared between rounds).
 
     Each node receives from the others messages gated by sigmoid(C_wgt(h_t - h_n)), where
     C_wgt is a grouped 1x1 conv giving one map per neighbour. The reference expands those
@@ -396,14 +386,20 @@ class GraphModel(nnx.Module):
     edge map (g * dim + c) mod (n - 1); products and sums as the reference forms them.
     """
 
-    def __init__(self, n_nodes: int = 3, dim: int = 64, *, rngs: nnx.Rngs):
+    def __init__(self, n_nodes: int = 3, dim: int = 64, n_iter: int = 2, *, rngs: nnx.Rngs):
         self.n_nodes = n_nodes
+        self.n_iter = n_iter
         self.edge_weight = Conv2d(dim * (n_nodes - 1), n_nodes - 1, 1, groups=n_nodes - 1,
                                   bias=False, rngs=rngs)
         self.gru = ConvGRUCell(dim, rngs=rngs)
         self.gamma = nnx.Param(jnp.zeros((1,), jnp.float32))
 
     def __call__(self, nodes: list[Array]) -> list[Array]:
+        for _ in range(self.n_iter):
+            nodes = self._round(nodes)
+        return nodes
+
+    def _round(self, nodes: list[Array]) -> list[Array]:
         n = self.n_nodes
         kernel = self.edge_weight.kernel[...][0, 0]                 # (dim, n - 1): group g's column g
         dim = kernel.shape[0]
@@ -425,59 +421,40 @@ class GraphModel(nnx.Module):
 
 
 class GraphReasoning(nnx.Module):
-    """[GraphReasoning] with node=False (the only path the reference takes).
+    """[GraphReasoning] with node=False (the only path the reference takes): the graph's
+    nodes and their message passing, per modality.
 
-    PPM nodes per modality, two rounds of cross-modal edge gating per node, then
-    `n_iter` graph-model iterations per modality. The reference also builds a
-    channel-attention `C_ca` used only when node=True; its weights are kept aside.
+    Calling it gives the nodes: PPM views of each modality's level-1 feature after two rounds
+    of cross-modal edge gating per node. `graph_ir` / `graph_vi` then run `n_iter` rounds of
+    message passing on them (see `GR`). The reference also builds a channel-attention `C_ca`
+    used only when node=True; its weights are kept aside.
     """
 
     def __init__(self, dim: int = 64, dilations=(4, 8, 16), n_iter: int = 2, *, rngs: nnx.Rngs):
-        self.n_iter = n_iter
         self.ppm_ir = PPM(dim, dilations, rngs=rngs)
         self.ppm_vi = PPM(dim, dilations, rngs=rngs)
-        self.graph_ir = GraphModel(len(dilations), dim, rngs=rngs)
-        self.graph_vi = GraphModel(len(dilations), dim, rngs=rngs)
+        self.graph_ir = GraphModel(len(dilations), dim, n_iter, rngs=rngs)
+        self.graph_vi = GraphModel(len(dilations), dim, n_iter, rngs=rngs)
         self.gate_to_vi = Conv2d(dim, 1, 1, bias=False, rngs=rngs)  # C_pa[0]
         self.gate_to_ir = Conv2d(dim, 1, 1, bias=False, rngs=rngs)  # C_pa[1]
 
-    def _exchange(self, ir: Array, vi: Array) -> tuple[Array, Array]:
-        new_vi = ir * jax.nn.sigmoid(self.gate_to_vi(ir - vi)) + vi
-        new_ir = vi * jax.nn.sigmoid(self.gate_to_ir(vi - ir)) + ir
-        return new_ir, new_vi
-
-    def ppm_convs(self, ir: Array, vi: Array) -> tuple[list[Array], list[Array]]:
-        return self.ppm_ir.conv_outputs(ir), self.ppm_vi.conv_outputs(vi)
-
-    def ppm_normalize(self, pre_ir: list[Array], pre_vi: list[Array]):
-        return self.ppm_ir.normalize(pre_ir), self.ppm_vi.normalize(pre_vi)
+    def __call__(self, ir: Array, vi: Array) -> tuple[list[Array], list[Array]]:
+        return self.exchange(self.ppm_ir(ir), self.ppm_vi(vi))
 
     def exchange(self, nodes_ir: list[Array], nodes_vi: list[Array]):
         """Two rounds of cross-modal edge gating per node (per sample)."""
         nodes_ir, nodes_vi = list(nodes_ir), list(nodes_vi)
         for i in range(len(nodes_ir)):
             for _ in range(2):
-                nodes_ir[i], nodes_vi[i] = self._exchange(nodes_ir[i], nodes_vi[i])
+                ir, vi = nodes_ir[i], nodes_vi[i]
+                nodes_vi[i] = ir * jax.nn.sigmoid(self.gate_to_vi(ir - vi)) + vi
+                nodes_ir[i] = vi * jax.nn.sigmoid(self.gate_to_ir(vi - ir)) + ir
         return nodes_ir, nodes_vi
-
-    def iterate(self, nodes_ir: list[Array], nodes_vi: list[Array]):
-        """`n_iter` graph-model iterations per modality (per sample)."""
-        for _ in range(self.n_iter):
-            nodes_ir = self.graph_ir(nodes_ir)
-        for _ in range(self.n_iter):
-            nodes_vi = self.graph_vi(nodes_vi)
-        return nodes_ir, nodes_vi
-
-    def nodes(self, ir: Array, vi: Array) -> tuple[list[Array], list[Array]]:
-        """Each modality's PPM nodes after two rounds of cross-modal edge gating."""
-        return self.exchange(*self.ppm_normalize(*self.ppm_convs(ir, vi)))
-
-    def __call__(self, ir: Array, vi: Array) -> tuple[list[Array], list[Array]]:
-        return self.iterate(*self.nodes(ir, vi))
 
 
 class GR(nnx.Module):
-    """Graph reasoning branch [CGR_backbone + CGR]; returns (fused, ir, vi) features.
+    """Graph reasoning branch [CGR_backbone + CGR]: (vi, ir) level-1 features -> the graph
+    features (f_ir, f_vi); `fuse([f_ir, f_vi])` is the fused graph feature of phase II.
 
     Only `C_cat[0]` (ir) and `C_cat[1]` (vi) of the reference's six concat convs, and the
     outer `C_cls`, take part in the forward pass; the rest are kept aside by the converter.
@@ -489,31 +466,18 @@ class GR(nnx.Module):
         self.concat_vi = ConvBNReLU(3 * dim, dim, rngs=rngs)
         self.fuse = Conv2d(2 * dim, dim, 1, rngs=rngs)
 
-    def __call__(self, vi: Array, ir: Array) -> tuple[Array, Array, Array]:
-        nodes_ir, nodes_vi = self.reasoning(ir, vi)
-        f_ir = self.concat_ir(jnp.concatenate(nodes_ir, axis=-1))
-        f_vi = self.concat_vi(jnp.concatenate(nodes_vi, axis=-1))
-        return self.fuse_modalities(f_ir, f_vi), f_ir, f_vi
-
-    def fuse_modalities(self, f_ir: Array, f_vi: Array) -> Array:
-        return self.fuse(jnp.concatenate([f_ir, f_vi], axis=-1))
+    def __call__(self, vi: Array, ir: Array) -> tuple[Array, Array]:
+        r = self.reasoning
+        nodes_ir, nodes_vi = r(ir, vi)
+        f_ir = self.concat_ir(r.graph_ir(nodes_ir))
+        # The ir graph is finished (down to its concat conv) before the vi graph starts, so
+        # only one modality's graph temporaries are alive at a time.
+        f_ir, nodes_vi = jax.lax.optimization_barrier((f_ir, nodes_vi))
+        f_vi = self.concat_vi(r.graph_vi(nodes_vi))
+        return f_ir, f_vi
 
 
 # --------------------------------------------------------------------------- fusion layers
-class BaseFuseLayer(nnx.Module):
-    """Base fusion layer [BaseFeatureExtraction]: LayerNorm+MDTA, LayerNorm+LeFF, residual."""
-
-    def __init__(self, dim: int = 64, heads: int = 8, *, rngs: nnx.Rngs):
-        self.norm1 = LayerNorm(dim)
-        self.attn = MDTA(dim, heads, rngs=rngs)
-        self.norm2 = LayerNorm(dim)
-        self.mlp = LeFF(dim, 64, rngs=rngs)
-
-    def __call__(self, x: Array) -> Array:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
 class AffineInvertibleBlock(nnx.Module):
     """[INV_block_affine], run as the reference runs it: its forward's default `rev=True`.
 
@@ -555,132 +519,97 @@ class DetailFuseLayer(nnx.Module):
 
 # --------------------------------------------------------------------------- the whole model
 SUBMODELS = ("encoder", "decoder", "graph", "base_fuse", "detail_fuse")
+ENCODER_OUTPUTS = ("base", "detail", "shallow", "level1")
+
+
+def split_modalities(encoded: tuple[Array, ...]) -> dict[str, Array]:
+    """The encoder's outputs on the batch [vi; ir] -> {"vi_base": ..., "ir_base": ..., ...}."""
+    n = encoded[0].shape[0] // 2
+    return {f"{mod}_{name}": t[i * n:(i + 1) * n] for name, t in zip(ENCODER_OUTPUTS, encoded)
+            for i, mod in enumerate(("vi", "ir"))}
 
 
 class SMFNet(nnx.Module):
-    """The five sub-models and the reference's two forward paths.
+    """The five sub-models and the reference's forward paths.
 
-    Inputs are NHWC (N, H, W, 1) in [0, 1]. The training forward passes are sequences of
-    `Stage`s (PHASE1_STAGES, PHASE2_STAGES) so that `train.step` can run the per-sample
-    ones a slice of the batch at a time.
+    Inputs are NHWC (N, H, W, 1) in [0, 1]. `phase1` and `phase2` are the training forward
+    passes and return every intermediate by name; `fuse` (also `model(vi, ir)`) is phase II's
+    fused image computed in less memory. `model.eval()` / `model.train()` switch BatchNorm
+    between running and batch statistics.
     """
 
     def __init__(self, *, rngs: nnx.Rngs):
         self.encoder = Encoder(rngs=rngs)
         self.decoder = Decoder(rngs=rngs)
         self.graph = GR(rngs=rngs)
-        self.base_fuse = BaseFuseLayer(rngs=rngs)
+        self.base_fuse = RestormerBlock(rngs=rngs)     # [BaseFeatureExtraction]: the same block
         self.detail_fuse = DetailFuseLayer(rngs=rngs)
 
-    def run_stages(self, stages: tuple[Stage, ...], vi: Array, ir: Array) -> dict[str, Array]:
-        values = {"vi": vi, "ir": ir}
-        for stage in stages:
-            values.update(stage.apply(self, {k: values[k] for k in stage.inputs}))
-        del values["vi"], values["ir"]
-        return values
+    def features(self, vi: Array, ir: Array) -> dict[str, Array]:
+        """Encoder features of both modalities (one batch through the shared encoder) and
+        the graph's per-modality features `graph_ir`, `graph_vi`."""
+        f = split_modalities(self.encoder(jnp.concatenate([vi, ir], axis=0)))
+        f["graph_ir"], f["graph_vi"] = self.graph(f["vi_level1"], f["ir_level1"])
+        return f
 
     def phase1(self, vi: Array, ir: Array) -> dict[str, Array]:
-        """Phase-I reconstruction of each modality from detail + base + its graph feature."""
-        return self.run_stages(PHASE1_STAGES, vi, ir)
+        """Phase I: each modality reconstructed from its detail + base + graph feature."""
+        f = self.features(vi, ir)
+        return {**f, **self.reconstruct(f)}
 
     def phase2(self, vi: Array, ir: Array) -> dict[str, Array]:
-        """Phase-II fusion (also the inference path)."""
-        return self.run_stages(PHASE2_STAGES, vi, ir)
+        """Phase II: the fused image from the fusion layers and the fused graph feature."""
+        f = self.features(vi, ir)
+        return {**f, **self.fusion_head(f)}
+
+    def reconstruct(self, f: dict[str, Array]) -> dict[str, Array]:
+        """Phase-I head: both modalities through the decoder as one batch."""
+        n = f["vi_base"].shape[0]
+        x = jnp.concatenate([f["vi_detail"] + f["vi_base"] + f["graph_vi"],
+                             f["ir_detail"] + f["ir_base"] + f["graph_ir"]], axis=0)
+        logits, feature = self.decoder(x)
+        return {"vi_hat": jax.nn.sigmoid(logits[:n]), "ir_hat": jax.nn.sigmoid(logits[n:]),
+                "vi_feature": feature[:n], "ir_feature": feature[n:]}
+
+    def fusion_head(self, f: dict[str, Array]) -> dict[str, Array]:
+        """Phase-II head: fused graph feature, base and detail fusion layers, decoder."""
+        g = self.graph.fuse([f["graph_ir"], f["graph_vi"]])
+        fuse_base = self.base_fuse(f["ir_base"] + f["vi_base"])
+        fuse_detail = self.detail_fuse(f["ir_detail"] + f["vi_detail"])
+        logits, feature = self.decoder(fuse_detail + fuse_base + g)
+        return {"graph_fused": g, "fuse_base": fuse_base, "fuse_detail": fuse_detail,
+                "fused_logits": logits, "fused": jax.nn.sigmoid(logits), "fused_feature": feature}
+
+    def fuse(self, vi: Array, ir: Array) -> Array:
+        """`phase2(vi, ir)["fused"]` with a small working set (the inference path).
+
+        The shared encoder runs the two modalities one after the other (lax.scan: one
+        compiled copy, half the working set) and keeps only what fusion needs: the sums
+        base_vi + base_ir and detail_vi + detail_ir (bit for bit the reference's:
+        0 + a + b == b + a) and both level-1 features. The fusion layers run before the
+        graph branch (an optimization barrier orders them), and the graph finishes one
+        modality before the other (`GR`).
+        """
+        def encode(sums, x):
+            base, detail, _, level1 = self.encoder(x)
+            return (sums[0] + base, sums[1] + detail), level1
+
+        dim = self.encoder.patch_embed.kernel.shape[3]
+        zeros = jnp.zeros(vi.shape[:3] + (dim,), vi.dtype)
+        (base, detail), level1 = jax.lax.scan(encode, (zeros, zeros), jnp.stack([vi, ir]))
+        fused = self.detail_fuse(detail) + self.base_fuse(base)
+        fused, level1 = jax.lax.optimization_barrier((fused, level1))
+        g = self.graph.fuse(list(self.graph(level1[0], level1[1])))
+        logits, _ = self.decoder(fused + g)
+        return jax.nn.sigmoid(logits)
 
     def __call__(self, vi: Array, ir: Array) -> Array:
-        return self.phase2(vi, ir)["fused"]
+        return self.fuse(vi, ir)
 
 
-# --------------------------------------------------------------------------- training stages
-@dataclasses.dataclass(frozen=True)
-class Stage:
-    """One step of a training forward pass: `apply(model, {k: values[k] for k in inputs})`
-    returns new named values.
-
-    `per_sample` stages compute every row of their inputs independently (a sample, or one
-    modality's image of it for the encoder), so they may run on any split of those rows; the
-    others (the GR BatchNorms, with batch statistics in training, and the cheap reshuffles
-    of the two modalities) see the whole batch. `train.step` uses this to compute exact gradients a
-    micro-batch at a time; `SMFNet.phase1/phase2` just run the stages in order.
-    """
-    name: str
-    inputs: tuple[str, ...]
-    per_sample: bool
-    apply: Callable[[SMFNet, dict], dict]
-
-
-def _stack_modalities(m: SMFNet, v: dict) -> dict:
-    return {"images": jnp.concatenate([v["vi"], v["ir"]], axis=0)}
-
-
-def _encode(m: SMFNet, v: dict) -> dict:
-    """The shared encoder on both modalities as one batch of images (one compiled copy)."""
-    return dict(zip(("base", "detail", "shallow", "level1"), m.encoder(v["images"])))
-
-
-def _split_modalities(m: SMFNet, v: dict) -> dict:
-    n = v["base"].shape[0] // 2
-    return {f"{mod}_{name}": t[i * n:(i + 1) * n] for name, t in v.items()
-            for i, mod in enumerate(("vi", "ir"))}
-
-
-def _ppm_convs(m: SMFNet, v: dict) -> dict:
-    pre_ir, pre_vi = m.graph.reasoning.ppm_convs(v["ir_level1"], v["vi_level1"])
-    return {"ppm_pre_ir": pre_ir, "ppm_pre_vi": pre_vi}
-
-
-def _ppm_normalize(m: SMFNet, v: dict) -> dict:
-    nodes_ir, nodes_vi = m.graph.reasoning.ppm_normalize(v["ppm_pre_ir"], v["ppm_pre_vi"])
-    return {"ppm_ir": nodes_ir, "ppm_vi": nodes_vi}
-
-
-def _graph_reasoning(m: SMFNet, v: dict) -> dict:
-    gr = m.graph
-    nodes_ir, nodes_vi = gr.reasoning.iterate(*gr.reasoning.exchange(v["ppm_ir"], v["ppm_vi"]))
-    return {"concat_pre_ir": gr.concat_ir.conv(jnp.concatenate(nodes_ir, axis=-1)),
-            "concat_pre_vi": gr.concat_vi.conv(jnp.concatenate(nodes_vi, axis=-1))}
-
-
-def _concat_normalize(m: SMFNet, v: dict) -> dict:
-    return {"graph_ir": m.graph.concat_ir.normalize(v["concat_pre_ir"]),
-            "graph_vi": m.graph.concat_vi.normalize(v["concat_pre_vi"])}
-
-
-def _reconstruct(m: SMFNet, v: dict) -> dict:
-    """Phase-I head: each modality decoded from detail + base + its graph feature."""
-    n = v["vi_base"].shape[0]
-    x = jnp.concatenate([v["vi_detail"] + v["vi_base"] + v["graph_vi"],
-                         v["ir_detail"] + v["ir_base"] + v["graph_ir"]], axis=0)
-    logits, feature = m.decoder(x)
-    return {"vi_hat": jax.nn.sigmoid(logits[:n]), "ir_hat": jax.nn.sigmoid(logits[n:]),
-            "vi_feature": feature[:n], "ir_feature": feature[n:]}
-
-
-def _fuse(m: SMFNet, v: dict) -> dict:
-    """Phase-II head: the graph's fused feature, the fusion layers and the decoder."""
-    g = m.graph.fuse_modalities(v["graph_ir"], v["graph_vi"])
-    fuse_base = m.base_fuse(v["ir_base"] + v["vi_base"])
-    fuse_detail = m.detail_fuse(v["ir_detail"] + v["vi_detail"])
-    logits, feature = m.decoder(fuse_detail + fuse_base + g)
-    return {"graph_fused": g, "fuse_base": fuse_base, "fuse_detail": fuse_detail,
-            "fused_logits": logits, "fused": jax.nn.sigmoid(logits), "fused_feature": feature}
-
-
-_SHARED_STAGES = (
-    Stage("stack_modalities", ("vi", "ir"), False, _stack_modalities),
-    Stage("encode", ("images",), True, _encode),
-    Stage("split_modalities", ("base", "detail", "shallow", "level1"), False, _split_modalities),
-    Stage("gr_ppm_convs", ("ir_level1", "vi_level1"), True, _ppm_convs),
-    Stage("gr_ppm_batchnorm", ("ppm_pre_ir", "ppm_pre_vi"), False, _ppm_normalize),
-    Stage("gr_reasoning", ("ppm_ir", "ppm_vi"), True, _graph_reasoning),
-    Stage("gr_concat_batchnorm", ("concat_pre_ir", "concat_pre_vi"), False, _concat_normalize),
-)
-PHASE1_STAGES = _SHARED_STAGES + (Stage(
-    "reconstruct", ("vi_base", "ir_base", "vi_detail", "ir_detail", "graph_ir", "graph_vi"),
-    True, _reconstruct),)
-PHASE2_STAGES = _SHARED_STAGES + (Stage(
-    "fuse", ("vi_base", "ir_base", "vi_detail", "ir_detail", "graph_ir", "graph_vi"),
-    True, _fuse),)
+def _channel_slices(c: int, n: int) -> list[slice]:
+    """[0:c), [c:2c), ... : the n equal output-channel blocks of a conv with n*c outputs."""
+    return [slice(i * c, (i + 1) * c) for i in range(n)]
 
 
 def create_model(seed: int = 0) -> SMFNet:

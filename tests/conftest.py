@@ -30,3 +30,32 @@ def shared_dir() -> Path:
     if not (path / "fixtures").is_dir():
         raise RuntimeError(f"SMFNET_SHARED={value} has no fixtures/ folder")
     return path
+
+
+# --------------------------------------------------------------------------- the parity fixture
+@pytest.fixture(scope="session")
+def fixture_pth(shared_dir) -> Path:
+    """A checkpoint in the released file's exact layout (random, perturbed weights)."""
+    return shared_dir / "fixtures/parity/smfnet_random_init.pth"
+
+
+@pytest.fixture(scope="session")
+def fixture_ckpt(fixture_pth) -> dict:
+    """The fixture checkpoint as read by our torch-free reader: {sub-model: {key: array}}."""
+    from smfnet_jax.torch_weights.pth_io import load_pth
+    return load_pth(fixture_pth)
+
+
+@pytest.fixture(scope="session")
+def reference_arrays(shared_dir) -> dict:
+    """The PyTorch reference's inputs, outputs and intermediates on the fixture (NCHW as saved)."""
+    import numpy as np
+    with np.load(shared_dir / "fixtures/parity/reference.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+@pytest.fixture(scope="session")
+def reference_losses(shared_dir) -> dict:
+    """The reference's loss terms and per-sub-model gradient norms on the fixture inputs."""
+    import json
+    return json.loads((shared_dir / "fixtures/parity/reference_losses.json").read_text())

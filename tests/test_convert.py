@@ -7,20 +7,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from convert.keymap import KEY_MAP, SUBMODEL_KEYS
-from convert.mapping import KeyMapError, export_reference_weights, load_reference_weights
-from convert.pth_io import UnsafeCheckpointError, load_pth
+from smfnet_jax.torch_weights.keymap import KEY_MAP, SUBMODEL_KEYS
+from smfnet_jax.torch_weights.mapping import KeyMapError, export_reference_weights, load_reference_weights
+from smfnet_jax.torch_weights.pth_io import UnsafeCheckpointError, load_pth
 from smfnet_jax.model import create_model
 
 
 @pytest.fixture(scope="session")
-def fixture_pth(shared_dir):
-    return shared_dir / "fixtures/parity/smfnet_random_init.pth"
-
-
-@pytest.fixture(scope="session")
-def reference_ckpt(fixture_pth):
-    return load_pth(fixture_pth)
+def reference_ckpt(fixture_ckpt):
+    return fixture_ckpt
 
 
 def test_key_map_covers_checkpoint_in_order(reference_ckpt):

@@ -306,3 +306,31 @@ def test_real_files(shared_dir):
     assert pet.shape == (256, 256, 3) and not io.is_grey(pet)
     with pytest.raises(io.ImageReadError, match="00085D.png"):  # corrupt in the shared sample
         io.read_image(data / "MSRS_sample" / "ir" / "00085D.png")
+
+
+def test_match_by_stem_one_rule_for_every_command(tmp_path):
+    """Fusion, evaluation and preparation pair their folders with this one function."""
+    dirs = {role: tmp_path / role for role in ("ir", "vi", "fused")}
+    for d in dirs.values():
+        d.mkdir()
+    for stem in ("10", "2", "x"):
+        for d in dirs.values():
+            (d / f"{stem}.png").write_bytes(b"")
+    (dirs["vi"] / "x.png").rename(dirs["vi"] / "x.JPG")      # any extension case, any format
+    (dirs["ir"] / "dup.png").write_bytes(b"")
+    (dirs["ir"] / "dup.bmp").write_bytes(b"")
+    (dirs["vi"] / "dup.png").write_bytes(b"")
+    (dirs["fused"] / "dup.png").write_bytes(b"")
+    (dirs["ir"] / "lonely.tif").write_bytes(b"")
+    (dirs["ir"] / ".hidden.png").write_bytes(b"")
+    (dirs["ir"] / "notes.txt").write_bytes(b"")
+    (dirs["ir"] / "sub.png").mkdir()                           # a folder is not an image
+    matches, problems = io.match_by_stem(dirs)
+    assert [stem for stem, _ in matches] == ["2", "10", "x"]  # natural order
+    assert matches[2][1] == {"ir": dirs["ir"] / "x.png", "vi": dirs["vi"] / "x.JPG",
+                             "fused": dirs["fused"] / "x.png"}
+    assert problems == [
+        ("dup", f"several files share this name in {dirs['ir']}: dup.bmp, dup.png"),
+        ("lonely", f"no file in the vi folder {dirs['vi']} and the fused folder {dirs['fused']} "
+                   f"(found {dirs['ir'] / 'lonely.tif'})"),
+    ]

@@ -144,8 +144,8 @@ def test_bad_pairs_reported_others_fused(dirs, use_fuser, capsys):
     err = capsys.readouterr()
     summary = err.out
     assert "fused 1 of 6 pairs" in summary
-    for name, why in [("size", "sizes differ"), ("lonely_ir", "no partner"),
-                      ("lonely_vi", "no partner"), ("broken", "broken.png"),
+    for name, why in [("size", "sizes differ"), ("lonely_ir", "no file in the vi folder"),
+                      ("lonely_vi", "no file in the ir folder"), ("broken", "broken.png"),
                       ("twice", "several files")]:
         assert any(line.strip().startswith(f"{name}:") and why in line
                    for line in summary.splitlines()), (name, summary)

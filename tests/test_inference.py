@@ -1,8 +1,5 @@
-"""Inference speed-ups and tiling: exact rewrites keep the output, tiles blend without seams.
-
-The rewrites of `fold_for_inference` are checked piece by piece against the layers they
-replace (independent implementations in smfnet_jax.layers), and as a whole against the
-PyTorch reference's `fused` (fixtures/parity/reference.npz) with the parity tolerance.
+"""Fusion: the memory-lean `SMFNet.fuse` equals phase II, tiles blend without seams, the
+compilation cache and the benchmark CLI.
 """
 from __future__ import annotations
 
@@ -13,31 +10,21 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from smfnet_jax.api import Fuser
 from smfnet_jax.checkpoint import load_pth_model
-from smfnet_jax.inference import (attention_projected, blend_ramp, enable_compilation_cache,
-                                  fold_dense_qkv, fold_for_inference, fuse_tiled, tile_starts)
-from smfnet_jax.layers import Conv2d
-from smfnet_jax.model import DenseAttention
-from helpers import assert_close, reference_channel_attention
+from smfnet_jax.inference import blend_ramp, fuse_tiled, tile_starts
+from smfnet_jax.runtime import enable_compilation_cache
+from helpers import assert_close
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="session")
-def reference(shared_dir):
-    with np.load(shared_dir / "fixtures/parity/reference.npz") as z:
-        return {k: z[k] for k in ("ir", "vi", "fused")}
-
-
-@pytest.fixture(scope="session")
-def fixture_pth(shared_dir):
-    return shared_dir / "fixtures/parity/smfnet_random_init.pth"
+# Tiles see less context than the whole image (channel attention is global), so tiled fusion
+# is close to, not equal to, whole-image fusion: 48.1 dB PSNR measured on the fixture pair in
+# 32/8 tiles (the README's 50-54 dB are for real weights at 480x640 in 128-256 px tiles).
+TILED_PSNR_FLOOR_DB = 45.0
 
 
 @pytest.fixture(scope="session")
@@ -47,60 +34,30 @@ def model(fixture_pth):
 
 @pytest.fixture(scope="session")
 def fuser(model):
-    return Fuser(model)  # folded (the default); compiled once per shape, shared by the tests
+    return Fuser(model)  # compiled once per shape, shared by the tests
 
 
 @pytest.fixture(scope="session")
-def pair(reference):
+def pair(reference_arrays):
     """The fixture's second sample, HxW (40x56): ir, vi, and the reference's fused output."""
-    return reference["ir"][1, 0], reference["vi"][1, 0], reference["fused"][1, 0]
+    return tuple(reference_arrays[k][1, 0] for k in ("ir", "vi", "fused"))
 
 
-# ----------------------------------------------------------------------------- rewrites, piecewise
-def _conv(x, k, pad, groups=1, dil=1):
-    return jax.lax.conv_general_dilated(x, k, (1, 1), ((pad, pad), (pad, pad)), rhs_dilation=(dil, dil),
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                        feature_group_count=groups)
-
-
-def test_fold_dense_qkv_is_the_composition():
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((2, 9, 11, 8)).astype(np.float32)
-    w1 = rng.standard_normal((1, 1, 8, 12)).astype(np.float32)
-    w2 = rng.standard_normal((3, 3, 12, 12)).astype(np.float32)
-    ref = _conv(_conv(x, w1, 0), w2, 1)
-    folded = _conv(x, fold_dense_qkv(w1, w2).astype(np.float32), 1)
-    assert_close("folded qkv", folded, ref)
-
-
-@pytest.mark.parametrize("bias", [False, True])
-def test_attention_projected_matches_reference_attention(bias):
-    rng = np.random.default_rng(3)
-    q, k, v = (jnp.asarray(rng.standard_normal((2, 6, 7, 16)), jnp.float32) for _ in range(3))
-    temperature = jnp.asarray(rng.uniform(0.5, 2.0, 4), jnp.float32)
-    proj = Conv2d(16, 16, 1, bias=bias, rngs=nnx.Rngs(4))
-    ref = proj(jnp.asarray(reference_channel_attention(q, k, v, temperature, 4), jnp.float32))
-    assert_close("attention", attention_projected(q, k, v, temperature, 4, proj), ref)
-
-
-def test_fold_for_inference_leaves_the_model_alone(model):
-    folded = fold_for_inference(model)
-    dense = [m for _, m in nnx.iter_modules(model) if isinstance(m, DenseAttention)]
-    assert dense and all(m.qkv_folded is None for m in dense)
-    assert all(type(m) is DenseAttention for m in dense)
-    assert any(m.qkv_folded is not None for _, m in nnx.iter_modules(folded)
-               if isinstance(m, DenseAttention))
-
-
-# ----------------------------------------------------------------------------- whole model
-def test_folded_fuser_matches_reference(fuser, pair):
-    ir, vi, fused = pair
-    assert_close("fused[1] (folded)", fuser(ir, vi), fused)
-
-
-def test_folded_equals_unfolded(model, fuser, pair):
+# ----------------------------------------------------------------------------- the fusion path
+def test_fuse_equals_phase2_in_eval_mode(model, fuser, pair):
+    """`fuse` (encoder passes in sequence, running sums, ordered graph) is phase II's
+    `fused` in another order of work: equal up to float rounding, on the whole batch."""
     ir, vi, _ = pair
-    assert_close("folded vs unfolded", fuser(ir, vi), Fuser(model, fold=False)(ir, vi))
+    m = nnx.clone(model)
+    m.eval()
+    whole = nnx.jit(lambda m, a, b: m.phase2(a, b)["fused"])(m, vi[None, :, :, None], ir[None, :, :, None])
+    assert_close("fuse vs phase2", fuser(ir, vi), np.asarray(whole)[0, :, :, 0])
+
+
+def test_fuser_leaves_the_model_in_train_mode(model):
+    Fuser(model)
+    assert not model.graph.concat_ir.bn.use_running_average and not model.encoder.patch_embed.deterministic
+    assert Fuser(model).model.encoder.patch_embed.deterministic
 
 
 # ----------------------------------------------------------------------------- tiling
@@ -115,7 +72,8 @@ def test_tiled_model_output(fuser, pair):
     whole = fuser(ir, vi)
     assert out.shape == ir.shape and out.dtype == np.float32
     assert np.all((out >= 0) & (out <= 1))
-    assert np.corrcoef(out.ravel(), whole.ravel())[0, 1] > 0.9
+    psnr = 10 * np.log10(1.0 / np.mean((out.astype(np.float64) - whole) ** 2))
+    assert psnr >= TILED_PSNR_FLOOR_DB, psnr
 
 
 class PixelFuser:
@@ -184,11 +142,16 @@ def test_enable_compilation_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SMFNET_JAX_CACHE", "off")
     assert enable_compilation_cache() is None
     assert jax.config.jax_compilation_cache_dir == before
-    monkeypatch.setenv("SMFNET_JAX_CACHE", str(tmp_path / "xla"))
     try:
+        monkeypatch.setenv("SMFNET_JAX_CACHE", str(tmp_path / "xla"))
         path = enable_compilation_cache()
         assert path == tmp_path / "xla" and path.is_dir()
         assert jax.config.jax_compilation_cache_dir == str(path)
+        # without SMFNET_JAX_CACHE, a user's JAX_COMPILATION_CACHE_DIR is honoured
+        monkeypatch.delenv("SMFNET_JAX_CACHE")
+        monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "users"))
+        assert enable_compilation_cache() == tmp_path / "users"
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "users")
     finally:  # do not leave the rest of the session writing into tmp_path
         jax.config.update("jax_compilation_cache_dir", before)
         from jax.experimental.compilation_cache import compilation_cache as cc

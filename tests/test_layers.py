@@ -1,5 +1,6 @@
-"""Conv2d's fast paths (shifted-sum depthwise, matmul 1x1, hand-written conv backward)
-against XLA's own convolution, values and gradients."""
+"""Conv2d's fast paths (shifted-sum depthwise, matmul 1x1, hand-written conv backward, padding
+inside the convolution in eval mode, convs of parts, output slices) and channel attention,
+against XLA's own convolution and the reference's order of operations."""
 from __future__ import annotations
 
 import jax
@@ -31,10 +32,13 @@ CASES = [  # cin, cout, k, pad, groups, dilation, pad_mode
 ]
 
 
+@pytest.mark.parametrize("deterministic", [False, True], ids=["train", "eval"])
 @pytest.mark.parametrize("cin,cout,k,pad,groups,dil,mode", CASES)
-def test_conv_paths_match_xla(cin, cout, k, pad, groups, dil, mode):
+def test_conv_paths_match_xla(cin, cout, k, pad, groups, dil, mode, deterministic):
     conv = Conv2d(cin, cout, k, padding=pad, groups=groups, dilation=dil, pad_mode=mode,
                   rngs=nnx.Rngs(0))
+    conv.eval() if deterministic else conv.train()
+    assert conv.deterministic is deterministic
     x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 11, 9, cin)), jnp.float32)
     kernel, bias = conv.kernel[...], conv.bias[...]
 
@@ -56,10 +60,31 @@ def test_conv_paths_match_xla(cin, cout, k, pad, groups, dil, mode):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_channel_attention_matches_reference_order():
+@pytest.mark.parametrize("k,pad,mode", [(3, 1, "zeros"), (1, 0, "zeros"), (3, 2, "reflect")])
+def test_conv_of_parts_and_output_slices(k, pad, mode):
+    """A list input is the conv of the concatenation; out=slice computes those channels."""
+    rng = np.random.default_rng(2)
+    parts = [jnp.asarray(rng.standard_normal((2, 9, 8, c)), jnp.float32) for c in (3, 5, 2)]
+    conv = Conv2d(10, 12, k, padding=pad, pad_mode=mode, rngs=nnx.Rngs(1))
+    whole = conv(jnp.concatenate(parts, axis=-1))
+    np.testing.assert_allclose(conv(parts), whole, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(conv(parts, out=slice(4, 8)), whole[..., 4:8], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="input channels"):
+        conv(parts[:2])
+    dw = Conv2d(12, 12, 3, padding=1, groups=12, rngs=nnx.Rngs(3))
+    np.testing.assert_allclose(dw(whole[..., 4:8], out=slice(4, 8)), dw(whole)[..., 4:8],
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("project", [None, "no bias", "bias"])
+def test_channel_attention_matches_reference_order(project):
     rng = np.random.default_rng(5)
     q, k, v = (jnp.asarray(rng.standard_normal((2, 6, 7, 16)), jnp.float32) for _ in range(3))
     temperature = jnp.asarray(rng.uniform(0.5, 2.0, 4), jnp.float32)
-    ours = channel_attention(q, k, v, temperature, 4)
-    np.testing.assert_allclose(ours, reference_channel_attention(q, k, v, temperature, 4),
-                               rtol=1e-5, atol=1e-6)
+    ref = jnp.asarray(reference_channel_attention(q, k, v, temperature, 4), jnp.float32)
+    proj = None
+    if project is not None:  # merged into the attention matrix: v @ (B @ P)
+        proj = Conv2d(16, 16, 1, bias=project == "bias", rngs=nnx.Rngs(4))
+        ref = proj(ref)
+    np.testing.assert_allclose(channel_attention(q, k, v, temperature, 4, proj), ref,
+                               rtol=1e-5, atol=1e-5)

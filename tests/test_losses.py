@@ -5,7 +5,6 @@ Numpy references below use explicit loops in float64 on tiny arrays; they are wr
 the definitions (kornia 0.2.0 SSIM / SpatialGradient, loss.py Sobelxy, Lovasz extension of
 the Jaccard loss), not from the JAX code.
 """
-import json
 import math
 
 import jax
@@ -416,13 +415,9 @@ def test_phase_loss_missing_key():
 
 # --------------------------------------------------------------------------- reference fixtures
 @pytest.fixture(scope="session")
-def reference(shared_dir):
-    parity = shared_dir / "fixtures" / "parity"
-    with open(parity / "reference_losses.json") as f:
-        ref = json.load(f)
-    arrays = np.load(parity / "reference.npz")
+def reference(reference_losses, reference_arrays):
     nhwc = lambda a: np.transpose(a, (0, 2, 3, 1))
-    return ref, {k: nhwc(arrays[k]) for k in (
+    return reference_losses, {k: nhwc(reference_arrays[k]) for k in (
         "vi", "ir", "train_phase1_recon_vi", "train_phase2_fused",
         "enc_vi_base", "enc_ir_base", "enc_vi_detail", "enc_ir_detail")}
 

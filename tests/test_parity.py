@@ -32,14 +32,8 @@ def nhwc(a: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="session")
-def reference(shared_dir):
-    with np.load(shared_dir / "fixtures/parity/reference.npz") as z:
-        return {k: z[k] for k in z.files}
-
-
-@pytest.fixture(scope="session")
-def fixture_pth(shared_dir):
-    return shared_dir / "fixtures/parity/smfnet_random_init.pth"
+def reference(reference_arrays):
+    return reference_arrays
 
 
 @pytest.fixture(scope="session")

@@ -135,7 +135,7 @@ def test_skip_report_and_exit_codes(pair_folder, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "skipped 2" in err
     assert "d.png" in err and "cannot read image" in err      # corrupt infrared image
-    assert "e.png" in err and "no infrared image" in err      # visible image with no partner
+    assert "e.png" in err and "no file in the ir folder" in err  # visible image with no partner
     assert out.is_file()
     assert P.main(["--src", str(src), "--out", str(out), "--patch", str(PATCH),
                    "--stride", str(STRIDE), "--quiet", "--strict"]) == 1

@@ -1,4 +1,4 @@
-"""Tests for convert.pth_io: torch-free reading/writing of .pth checkpoints.
+"""Tests for smfnet_jax.torch_weights.pth_io: torch-free reading/writing of .pth checkpoints.
 
 Reference values never come from pth_io itself: tensors are checked against the raw
 storage records read with zipfile + np.frombuffer, and small archives are assembled
@@ -15,22 +15,11 @@ import zipfile
 import numpy as np
 import pytest
 
-from convert.pth_io import (ALLOWED_GLOBALS, PthError, PthFormatError, UnsafeCheckpointError,
+from smfnet_jax.torch_weights.pth_io import (ALLOWED_GLOBALS, PthError, PthFormatError, UnsafeCheckpointError,
                             load_pth, save_pth)
 
-FIXTURE = "fixtures/parity/smfnet_random_init.pth"
 SUBMODELS = {"DIDF_Encoder": 168, "DIDF_Decoder": 17, "GraphModel": 94,
              "BaseFuseLayer": 15, "DetailFuseLayer": 40}
-
-
-@pytest.fixture(scope="module")
-def fixture_path(shared_dir):
-    return shared_dir / FIXTURE
-
-
-@pytest.fixture(scope="module")
-def fixture_ckpt(fixture_path):
-    return load_pth(fixture_path)
 
 
 # ------------------------------------------------------------------ helpers
@@ -118,11 +107,11 @@ def test_fixture_structure(fixture_ckpt):
     assert graph._metadata[""] == {"version": 1}
 
 
-def test_fixture_values_match_raw_records(fixture_path, fixture_ckpt):
+def test_fixture_values_match_raw_records(fixture_pth, fixture_ckpt):
     # torch.save numbers storages in order of first use and this state_dict shares
     # none, so the i-th tensor is record data/i, offset 0, contiguous.
     tensors = [arr for sd in fixture_ckpt.values() for arr in sd.values()]
-    with zipfile.ZipFile(fixture_path) as zf:
+    with zipfile.ZipFile(fixture_pth) as zf:
         prefix = zf.namelist()[0].split("/")[0]
         assert zf.read(f"{prefix}/byteorder") == b"little"
         for i, arr in enumerate(tensors):
@@ -340,9 +329,9 @@ def test_legacy_format(tmp_path):
     assert "re-save" in str(err.value).lower()
 
 
-def test_truncated_file(fixture_path, tmp_path):
+def test_truncated_file(fixture_pth, tmp_path):
     path = tmp_path / "cut.pth"
-    path.write_bytes(fixture_path.read_bytes()[:200_000])
+    path.write_bytes(fixture_pth.read_bytes()[:200_000])
     with pytest.raises(PthFormatError, match="truncated") as err:
         load_pth(path)
     assert str(path) in str(err.value)

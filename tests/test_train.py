@@ -28,23 +28,17 @@ GRAD_RTOL = 1e-3
 
 # --------------------------------------------------------------------------- loss parity
 @pytest.fixture(scope="module")
-def reference_losses(shared_dir):
-    return json.loads((shared_dir / "fixtures/parity/reference_losses.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def our_losses(shared_dir):
+def our_losses(fixture_pth, reference_arrays):
     """{(phase, microbatches): (terms, grad norms, grads, batch stats)} on the parity inputs;
     microbatches=2 is the exact micro-batched gradient (one pair per micro-batch)."""
     import jax
     import optax
-    from convert.keymap import SUBMODEL_KEYS
     from smfnet_jax.checkpoint import load_pth_model
+    from smfnet_jax.torch_weights.keymap import SUBMODEL_KEYS
     from train.configs.msrs import get_config
     from train.step import make_value_and_grad, split_model
-    with np.load(shared_dir / "fixtures/parity/reference.npz") as z:
-        vi, ir = z["vi"].transpose(0, 2, 3, 1), z["ir"].transpose(0, 2, 3, 1)
-    model = load_pth_model(shared_dir / "fixtures/parity/smfnet_random_init.pth").model
+    vi, ir = (reference_arrays[k].transpose(0, 2, 3, 1) for k in ("vi", "ir"))
+    model = load_pth_model(fixture_pth).model
     graphdef, params, stats = split_model(model)
     out = {}
     for phase in (1, 2):
@@ -121,17 +115,48 @@ def test_microbatched_gradient_equals_whole_batch(phase, our_losses):
     assert worst <= max(1e-5, 2 * sensitivity), (worst, sensitivity)
 
 
+@pytest.mark.parametrize("phase", [1, 2])
+def test_stage_table_equals_the_model_forward(phase, fixture_pth, reference_arrays):
+    """The micro-batching executor's stages, run in order on the whole batch, compute
+    exactly `SMFNet.phase1` / `phase2` in train mode: every output and the BatchNorm update."""
+    import jax
+    from flax import nnx
+    from smfnet_jax.checkpoint import load_pth_model
+    from train.microbatch import run_stages, stages_for
+    vi, ir = (reference_arrays[k].transpose(0, 2, 3, 1) for k in ("vi", "ir"))
+    outputs = {}
+    for how in ("model", "stages"):
+        model = load_pth_model(fixture_pth).model
+        model.train()
+        if how == "model":
+            fn = nnx.jit(lambda m, a, b: m.phase1(a, b) if phase == 1 else m.phase2(a, b))
+        else:
+            fn = nnx.jit(lambda m, a, b: run_stages(m, stages_for(phase), a, b))
+        outputs[how] = (fn(model, vi, ir), nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
+    (plain, stats_plain), (staged, stats_staged) = outputs["model"], outputs["stages"]
+    assert set(plain) <= set(staged)
+    for key in plain:
+        np.testing.assert_allclose(np.asarray(staged[key]), np.asarray(plain[key]), rtol=1e-5,
+                                   atol=1e-6, err_msg=key)
+    for a, b in zip(jax.tree.leaves(stats_plain), jax.tree.leaves(stats_staged)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7)
+
+
 def test_microbatch_split_is_strided_and_invertible():
     """Micro-batch i holds samples i, i + k, ...: a batch split over devices in contiguous
     blocks keeps every micro-batch split the same way."""
-    from train.step import _join_microbatches, _split_microbatches, resolve_microbatches
+    import jax
+    from train.microbatch import join_microbatches, split_microbatches
+    from train.step import resolve_microbatches
     x = np.arange(12).reshape(12, 1) * np.ones((1, 3))
-    s = np.asarray(_split_microbatches(x, 3))
+    s = np.asarray(split_microbatches(x, 3))
     assert s.shape == (3, 4, 3)
     assert s[1, :, 0].tolist() == [1, 4, 7, 10]
-    np.testing.assert_array_equal(np.asarray(_join_microbatches(s)), x)
+    np.testing.assert_array_equal(np.asarray(join_microbatches(s)), x)
     assert resolve_microbatches(3, 12) == 3
-    assert resolve_microbatches(0, 12) == 12  # auto on CPU: one sample per micro-batch
+    # auto: one sample per micro-batch on CPU, the whole batch on GPU/TPU
+    per_device = 12 // jax.device_count()
+    assert resolve_microbatches(0, 12) == (per_device if jax.default_backend() == "cpu" else 1)
 
 
 def test_microbatches_must_divide_the_per_device_batch(tmp_path):
@@ -315,15 +340,33 @@ SHARDED_SCRIPT = textwrap.dedent("""
     micro, m4_8 = jit_train_step(graphdef, 2, cfg, mesh)(
         _replicate(state, mesh), jax.device_put(vi8, batch), jax.device_put(ir8, batch), lrs)
 
-    def worst_of(x, y):
-        worst = 0.0
+    def leaf_differences(x, y):  # per leaf: max |a - b| / max(1, max |a|)
+        out = []
         for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y)):
             a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-            worst = max(worst, float(np.max(np.abs(a - b)) / max(1.0, float(np.max(np.abs(a))))))
+            out.append(float(np.max(np.abs(a - b)) / max(1.0, float(np.max(np.abs(a))))))
+        return out
+
+    def sensitivity(step, state_of, vi, ir):  # per leaf: the step's move for inputs moved k ulps
+        base = step(state_of(), vi, ir, lrs)
+        worst = None
+        for k in (1, 2, 3, 5, 8):
+            e = np.float32(1 + k * 2 ** -23)
+            d = leaf_differences(base, step(state_of(), vi * e, ir * e, lrs))
+            worst = d if worst is None else [max(a, b) for a, b in zip(worst, d)]
         return worst
-    print(json.dumps({"worst": worst_of((single, m1), (sharded, m4)), "loss": float(m1["loss"]),
-                      "worst_micro": worst_of((single8, m1_8), (micro, m4_8)),
-                      "loss_micro": [float(m1_8["loss"]), float(m4_8["loss"])]}))
+
+    def fresh(cfg_):
+        return lambda: jax.device_put(init_train_state(create_model(0), cfg_)[1], jax.devices()[0])
+
+    cfg.microbatches = 1
+    single_step = jit_train_step(graphdef, 2, cfg)
+    print(json.dumps({
+        "diff": leaf_differences((single, m1), (sharded, m4)), "loss": float(m1["loss"]),
+        "sensitivity": sensitivity(single_step, fresh(cfg), vi, ir),
+        "diff_micro": leaf_differences((single8, m1_8), (micro, m4_8)),
+        "sensitivity_micro": sensitivity(single_step, fresh(cfg), vi8, ir8),
+        "loss_micro": [float(m1_8["loss"]), float(m4_8["loss"])]}))
 """)
 
 
@@ -334,9 +377,18 @@ def test_sharded_step_equals_single_device_step():
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert math.isfinite(result["loss"])
-    assert result["worst"] <= 1e-5, result
-    # micro-batched on the mesh vs whole batch on one device: state and metrics after a step
-    assert result["worst_micro"] <= 1e-5, result
+    # Every leaf of the state and metrics within 1e-5, except where float32 rounding alone moves
+    # the single-device step further (calibrated per leaf on inputs moved by 1-8 ulps): the
+    # gradient is discontinuous at ReLU6/|x| kinks, and a value within an ulp of one may land
+    # on either side in two programs that round differently, e.g. the detail fusion layer's
+    # rho kernels of its second invertible block, whose gradient then jumps by ~3e-3 (float64
+    # agrees with the sharded step there). A sharding error moves many leaves by far more.
+    for key in ("", "_micro"):
+        diff, sens = result["diff" + key], result["sensitivity" + key]
+        bad = [(i, d, s) for i, (d, s) in enumerate(zip(diff, sens)) if d > max(1e-5, 2 * s)]
+        assert not bad, (key, bad)
+        assert sum(d > 1e-5 for d in diff) <= 2, (key, diff)
+    # micro-batched on the mesh vs whole batch on one device: the same loss
     assert result["loss_micro"][1] == pytest.approx(result["loss_micro"][0], rel=1e-5)
 
 

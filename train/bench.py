@@ -18,7 +18,7 @@ import time
 
 
 def main(argv: list[str] | None = None) -> int:
-    from smfnet_jax.inference import configure_xla_cpu
+    from smfnet_jax.runtime import configure_xla_cpu
     configure_xla_cpu()  # memory-optimised XLA:CPU scheduler; must precede any JAX work
     p = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -71,7 +71,7 @@ def run(cfg, workdir: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from smfnet_jax.inference import configure_xla_cpu
+    from smfnet_jax.runtime import configure_xla_cpu
     configure_xla_cpu()  # memory-optimised XLA:CPU scheduler; must precede any JAX work
     from absl import app
     argv = resolve_config_arg(list(sys.argv if argv is None else argv))
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         if not flags["verbosity"].present:
             # orbax and grain log every save at INFO; keep the console to the progress bar.
             logging.set_verbosity(logging.WARNING)
-        from smfnet_jax.inference import enable_compilation_cache
+        from smfnet_jax.runtime import enable_compilation_cache
         enable_compilation_cache()  # a rerun (or resume) skips the minute-long compiles
         result["rc"] = run(flags.config, flags.workdir)
 

@@ -43,12 +43,10 @@ import numpy as np
 from tqdm import tqdm
 
 from smfnet_jax.fileio import atomic_path
-from smfnet_jax.imageio import ImageReadError, read_image
+from smfnet_jax.imageio import ImageReadError, match_by_stem, read_image
 
 IR_GROUP = "ir_patchs"
 VI_GROUP = "vis_patchs"
-# What the reference lists (less .npy, which its image reader cannot open).
-IMAGE_EXTENSIONS = (".bmp", ".dib", ".png", ".jpg", ".jpeg", ".pbm", ".pgm", ".ppm", ".tif", ".tiff")
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 
 
@@ -137,24 +135,9 @@ def low_contrast_mask(patches: np.ndarray, fraction: float = 0.1,
 # ---------------------------------------------------------------------------------------------
 # Folder handling.
 
-def list_images(folder: Path) -> tuple[dict[str, Path], list[tuple[str, str]]]:
-    """{stem: path} of the image files at the top level of `folder`, plus duplicate-stem problems."""
-    by_stem: dict[str, list[Path]] = {}
-    for entry in sorted(folder.iterdir()):
-        if entry.is_file() and entry.suffix.lower() in IMAGE_EXTENSIONS:
-            by_stem.setdefault(entry.stem, []).append(entry)
-    found, problems = {}, []
-    for stem, paths in by_stem.items():
-        if len(paths) == 1:
-            found[stem] = paths[0]
-        else:
-            names = ", ".join(p.name for p in paths)
-            problems.append((str(folder / stem), f"several files share this name ({names})"))
-    return found, problems
-
-
 def find_pairs(src: Path) -> tuple[list[tuple[str, Path, Path]], list[tuple[str, str]]]:
-    """Sorted (stem, ir_path, vi_path) pairs of `src`, and the files that have no partner."""
+    """(stem, ir_path, vi_path) pairs of `src` in sorted stem order, and (stem, reason) for
+    the files that have no partner or share their stem (`imageio.match_by_stem`)."""
     src = Path(src)
     if not src.is_dir():
         raise PrepareError(f"--src {src} is not a folder")
@@ -163,15 +146,9 @@ def find_pairs(src: Path) -> tuple[list[tuple[str, Path, Path]], list[tuple[str,
         folders[sub] = src / sub
         if not folders[sub].is_dir():
             raise PrepareError(f"{src} has no '{sub}/' subfolder (expected {src}/ir and {src}/vi)")
-    ir, problems = list_images(folders["ir"])
-    vi, vi_problems = list_images(folders["vi"])
-    problems += vi_problems
-    for stem in sorted(set(ir) - set(vi)):
-        problems.append((str(ir[stem]), f"no visible image named {stem}.* in {folders['vi']}"))
-    for stem in sorted(set(vi) - set(ir)):
-        problems.append((str(vi[stem]), f"no infrared image named {stem}.* in {folders['ir']}"))
-    pairs = [(stem, ir[stem], vi[stem]) for stem in sorted(set(ir) & set(vi))]
-    return pairs, problems
+    matches, problems = match_by_stem(folders)
+    # plain sorted order, as the reference's sorted() file lists: the same patch numbering
+    return sorted((stem, paths["ir"], paths["vi"]) for stem, paths in matches), problems
 
 
 def load_pair(ir_path: Path, vi_path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -11,7 +11,6 @@ encoder, decoder and graph; the fusion layers' Adam state does not advance until
 """
 from __future__ import annotations
 
-import collections
 import functools
 from typing import Callable
 
@@ -21,8 +20,9 @@ import optax
 from flax import nnx
 
 from smfnet_jax import losses
-from smfnet_jax import model as model_lib
+from smfnet_jax.layers import cast_floats
 from smfnet_jax.model import SUBMODELS, SMFNet
+from train.microbatch import make_microbatched_value_and_grad
 
 PHASE1_SUBMODELS = ("encoder", "decoder", "graph")
 FUSION_SUBMODELS = ("base_fuse", "detail_fuse")
@@ -70,16 +70,16 @@ def init_train_state(model: SMFNet, cfg) -> tuple[nnx.GraphDef, dict]:
     return graphdef, {"params": params, "batch_stats": stats, "opt": opt}
 
 
-def _cast_floats(tree, dtype):
-    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
-
-
 def _train_model(graphdef, params, batch_stats, compute) -> SMFNet:
     """The model in train mode, its float parameters cast to the compute dtype."""
-    p = params if compute == jnp.float32 else _cast_floats(params, compute)
+    p = params if compute == jnp.float32 else cast_floats(params, compute)
     model = nnx.merge(graphdef, nnx.State(p), nnx.State(batch_stats))
     model.train()
     return model
+
+
+def _batch_stats(model: SMFNet) -> dict:
+    return nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
 
 
 def make_loss_fn(graphdef, phase: int, cfg) -> Callable:
@@ -91,146 +91,11 @@ def make_loss_fn(graphdef, phase: int, cfg) -> Callable:
         model = _train_model(graphdef, params, batch_stats, compute)
         forward = model.phase1 if phase == 1 else model.phase2
         out = forward(vi.astype(compute), ir.astype(compute))
-        out = _cast_floats(out, jnp.float32)  # losses in f32 whatever the compute dtype
+        out = cast_floats(out, jnp.float32)  # losses in f32 whatever the compute dtype
         total, terms = objective(out, vi, ir, decomp_grad=cfg.decomp_grad)
-        new_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
-        return total, (terms, new_stats)
+        return total, (terms, _batch_stats(model))
 
     return loss_fn
-
-
-def _split_microbatches(x, k: int):
-    """(B, ...) -> (k, B // k, ...); micro-batch i holds samples i, i + k, i + 2k, ...
-
-    Strided rather than contiguous so that a batch split over devices in contiguous blocks
-    stays split the same way inside every micro-batch (no data moves between devices)."""
-    return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
-
-
-def _join_microbatches(x):
-    """Inverse of `_split_microbatches`."""
-    return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
-
-
-def _tree_add(a, b):
-    return jax.tree.map(jnp.add, a, b)
-
-
-def make_microbatched_value_and_grad(graphdef, phase: int, cfg, k: int) -> Callable:
-    """The same ((loss, (terms, batch_stats)), grads) as
-    `jax.value_and_grad(make_loss_fn(...), has_aux=True)`, computed k slices of the batch
-    at a time wherever the network allows it.
-
-    Exact up to float rounding, not an approximation. The forward pass is the model's
-    sequence of stages (`model.PHASE1_STAGES` / `PHASE2_STAGES`): per-sample stages (the
-    encoder; the GR's convolutions and graph iterations; the head) run
-    one micro-batch at a time inside `lax.map` / `lax.scan`, keeping only their outputs;
-    the batch-coupled ones (the GR BatchNorms) run on the whole batch. The head's loss terms
-    are batch means of per-sample quantities, so each micro-batch contributes its value /
-    k; the whole-batch terms (correlations, seg term) are computed once from the collected
-    outputs. The backward pass walks the stages in reverse, recomputing each per-sample
-    stage's forward one micro-batch at a time (its vjp) and accumulating parameter
-    gradients. The encoder's rows are images, so it runs on half a micro-batch (with one
-    sample per micro-batch: one image) at a time. Peak memory is then one such encoder
-    forward + backward plus the stage boundaries of the whole batch; the price is one more forward of the per-sample
-    stages except the head (about +20% compute in phase II).
-    """
-    stages = model_lib.PHASE1_STAGES if phase == 1 else model_lib.PHASE2_STAGES
-    *body, head = stages
-    compute = jnp.dtype(cfg.compute_dtype)
-    image_keys = ("vi_hat", "ir_hat") if phase == 1 else ("fused",)
-    sample_terms = losses.phase1_sample_terms if phase == 1 else losses.phase2_sample_terms
-    combine = losses.combine_phase1_terms if phase == 1 else losses.combine_phase2_terms
-    join = functools.partial(jax.tree.map, _join_microbatches)
-
-    def split(tree, rows: int = 1):
-        return jax.tree.map(lambda x: _split_microbatches(x, k * rows), tree)
-
-    def rows_per_sample(inputs, batch: int) -> int:
-        # the encoder's rows are images (2 per sample): it runs on half a micro-batch at a time
-        return jax.tree.leaves(inputs)[0].shape[0] // batch
-
-    def run(stage, params, stats, inputs):
-        m = _train_model(graphdef, params, stats, compute)
-        return stage.apply(m, inputs), nnx.to_pure_dict(nnx.state(m, nnx.BatchStat))
-
-    def head_loss(params, stats, inputs, vi, ir):
-        out = _cast_floats(run(head, params, stats, inputs)[0], jnp.float32)
-        terms = sample_terms(out, vi, ir)
-        # the whole-batch terms are 0 here and added once below (combine is linear in them)
-        total = combine(collections.defaultdict(float, terms)) / k
-        return total, (terms, {key: out[key] for key in image_keys})
-
-    def batch_loss(features, images, vi):
-        outputs = {**features, **images}
-        if phase == 1:
-            terms = losses.phase1_batch_terms(outputs, vi, decomp_grad=cfg.decomp_grad)
-        else:
-            terms = losses.phase2_batch_terms(outputs, decomp_grad=cfg.decomp_grad)
-        return combine(collections.defaultdict(float, terms)), terms
-
-    def value_and_grad(params, stats, vi, ir):
-        values = {"vi": vi.astype(compute), "ir": ir.astype(compute)}
-        batch_vjps, produced = {}, {}
-        for stage in body:                                   # forward
-            inputs = {key: values[key] for key in stage.inputs}
-            if stage.per_sample:
-                r = rows_per_sample(inputs, vi.shape[0])
-                out = join(jax.lax.map(lambda x, st=stage: run(st, params, stats, x)[0],
-                                       split(inputs, r)))
-            else:
-                out, batch_vjps[stage.name], stats = jax.vjp(
-                    lambda p, x, st=stage, s=stats: run(st, p, s, x), params, inputs,
-                    has_aux=True)
-            values.update(out)
-            produced[stage.name] = tuple(out)
-
-        head_grad = jax.value_and_grad(head_loss, argnums=(0, 2), has_aux=True)
-
-        def head_step(acc, xs):
-            inputs, vi_m, ir_m = xs
-            (loss, (terms, images)), (g_params, g_inputs) = head_grad(params, stats, inputs, vi_m, ir_m)
-            return _tree_add(acc, g_params), (loss, terms, images, g_inputs)
-
-        grads, (loss_s, terms_s, images, cot) = jax.lax.scan(
-            head_step, jax.tree.map(jnp.zeros_like, params),
-            (split({key: values[key] for key in head.inputs}), split(vi), split(ir)))
-        cot = join(cot)
-
-        features = {key: values[key] for key in ("vi_base", "ir_base", "vi_detail", "ir_detail")}
-        others = jax.lax.stop_gradient({**join(images), "graph_ir": values["graph_ir"],
-                                        "graph_vi": values["graph_vi"]})
-        (batch_total, batch_terms), g_features = jax.value_and_grad(batch_loss, has_aux=True)(
-            features, others, vi)
-        cot = {key: _tree_add(g, g_features[key]) if key in g_features else g
-               for key, g in cot.items()}
-
-        for stage in reversed(body):                         # backward
-            g_out = {key: cot.pop(key) if key in cot else jax.tree.map(jnp.zeros_like, values[key])
-                     for key in produced[stage.name]}
-            inputs = {key: values[key] for key in stage.inputs}
-            if stage.per_sample:
-                def step(acc, xs, st=stage):
-                    x, g = xs
-                    _, vjp = jax.vjp(lambda p, x_: run(st, p, stats, x_)[0], params, x)
-                    g_params, g_x = vjp(g)
-                    return _tree_add(acc, g_params), g_x
-                r = rows_per_sample(inputs, vi.shape[0])
-                grads, g_in = jax.lax.scan(step, grads, (split(inputs, r), split(g_out, r)))
-                g_in = join(g_in)
-            else:
-                g_params, g_in = batch_vjps[stage.name](g_out)
-                grads = _tree_add(grads, g_params)
-            for key, g in g_in.items():
-                if key not in ("vi", "ir"):
-                    cot[key] = _tree_add(cot[key], g) if key in cot else g
-
-        total = jnp.sum(loss_s) + batch_total
-        terms = {**{t: jnp.mean(v) for t, v in terms_s.items()}, **batch_terms,
-                 f"total_phase{phase}": total}
-        return (total, (terms, stats)), grads
-
-    return value_and_grad
 
 
 def resolve_microbatches(setting: int, global_batch: int) -> int:
@@ -256,7 +121,9 @@ def make_value_and_grad(graphdef, phase: int, cfg) -> Callable:
         k = resolve_microbatches(cfg.microbatches, vi.shape[0])
         if k == 1:
             return whole(params, stats, vi, ir)
-        return make_microbatched_value_and_grad(graphdef, phase, cfg, k)(params, stats, vi, ir)
+        train_model = functools.partial(_train_model, graphdef, compute=jnp.dtype(cfg.compute_dtype))
+        return make_microbatched_value_and_grad(train_model, _batch_stats, phase, cfg, k)(
+            params, stats, vi, ir)
 
     return value_and_grad
 
@@ -275,7 +142,7 @@ def make_train_step(graphdef, phase: int, cfg) -> Callable:
         for sub in updated:
             g, norm = clip_grad_norm(grads[sub], cfg.clip_norm)
             updates, opt[sub] = adam.update(g, opt[sub], params[sub])
-            params[sub] = jax.tree.map(lambda p, u: p - lrs[sub] * u, params[sub], updates)
+            params[sub] = optax.apply_updates(params[sub], jax.tree.map(lambda u: -lrs[sub] * u, updates))
             metrics[f"grad_norm/{sub}"] = norm
             metrics[f"param_norm/{sub}"] = optax.global_norm(params[sub])
             metrics[f"lr/{sub}"] = lrs[sub]

@@ -17,7 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax import nnx
+
 from smfnet_jax.checkpoint import TRAIN_CHECKPOINT_SUBDIR as CHECKPOINT_SUBDIR
+from smfnet_jax.checkpoint import model_state, set_model_state
 from smfnet_jax.model import create_model
 from train import step as train_step_lib
 
@@ -75,14 +78,6 @@ def open_data(cfg):
     return source
 
 
-def merge_trees(a: dict, b: dict) -> dict:
-    """Nested union of the params and batch_stats pure dicts: the model's full state."""
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = merge_trees(out[k], v) if k in out and isinstance(v, dict) else v
-    return out
-
-
 def is_finite_number(x) -> bool:
     return bool(np.all(np.isfinite(np.asarray(x))))
 
@@ -118,6 +113,7 @@ class Trainer:
         self.steps = {phase: train_step_lib.jit_train_step(self.graphdef, phase, cfg, self.mesh)
                       for phase in (1, 2)}
         self.data_iter = self._make_iterator()
+        self._fuse_sample = nnx.jit(lambda m, vi, ir: m.fuse(vi, ir))
         self.ckpt = self._checkpoint_manager()
         self.start_step = self._maybe_restore()
 
@@ -138,18 +134,22 @@ class Trainer:
         options = ocp.CheckpointManagerOptions(max_to_keep=self.cfg.keep_checkpoints, create=True)
         return ocp.CheckpointManager(self.workdir / CHECKPOINT_SUBDIR, options=options)
 
+    def _model(self, state: dict):
+        """The SMFNet holding `state`'s parameters and BatchNorm statistics."""
+        return nnx.merge(self.graphdef, nnx.State(state["params"]), nnx.State(state["batch_stats"]))
+
     def _ckpt_args(self, save: bool):
         import grain
         import orbax.checkpoint as ocp
         if save:
             host = jax.device_get(self.state)
             return ocp.args.Composite(
-                model=ocp.args.StandardSave(merge_trees(host["params"], host["batch_stats"])),
+                model=ocp.args.StandardSave(model_state(self._model(host))),
                 opt=ocp.args.StandardSave(host["opt"]),
                 data=grain.checkpoint.CheckpointSave(self.data_iter))
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.state)
         return ocp.args.Composite(
-            model=ocp.args.StandardRestore(merge_trees(abstract["params"], abstract["batch_stats"])),
+            model=ocp.args.StandardRestore(model_state(self._model(abstract))),
             opt=ocp.args.StandardRestore(abstract["opt"]),
             data=grain.checkpoint.CheckpointRestore(self.data_iter))
 
@@ -158,11 +158,11 @@ class Trainer:
         if step is None:
             return 0
         restored = self.ckpt.restore(step, args=self._ckpt_args(save=False))
-        model_state = restored["model"]
-        state = {"params": _pick(model_state, self.state["params"]),
-                 "batch_stats": _pick(model_state, self.state["batch_stats"]),
-                 "opt": restored["opt"]}
-        self.state = _replicate(state, self.mesh)
+        model = self._model(jax.device_get(self.state))
+        set_model_state(model, restored["model"])
+        _, params, stats = train_step_lib.split_model(model)
+        self.state = _replicate({"params": params, "batch_stats": stats, "opt": restored["opt"]},
+                                self.mesh)
         if self.is_main:
             print(f"resumed from {self.workdir / CHECKPOINT_SUBDIR} step {step}", file=sys.stderr)
         return step
@@ -225,34 +225,16 @@ class Trainer:
         """Fuse the first pair of the current batch in eval mode and write it as a PNG."""
         if not self.is_main:
             return
-        from flax import nnx
         from smfnet_jax.imageio import float_to_uint8, write_png
-        host = jax.device_get(self.state)
-        model = nnx.merge(self.graphdef, nnx.State(host["params"]), nnx.State(host["batch_stats"]))
+        model = self._model(jax.device_get(self.state))
         model.eval()
         local_vi = np.asarray(vi.addressable_shards[0].data)[:1]
         local_ir = np.asarray(ir.addressable_shards[0].data)[:1]
-        fused = np.asarray(_eval_fuse(model, local_vi, local_ir))[0, :, :, 0]
+        fused = np.asarray(self._fuse_sample(model, local_vi, local_ir))[0, :, :, 0]
         row = np.concatenate([local_ir[0, :, :, 0], local_vi[0, :, :, 0], fused], axis=1)
         out = self.workdir / "samples" / f"epoch_{epoch + 1:04d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         write_png(out, float_to_uint8(row * 255.0))
-
-
-def _pick(full: dict, like: dict) -> dict:
-    """The sub-tree of `full` with the keys of `like` (params or batch_stats)."""
-    return {k: _pick(full[k], v) if isinstance(v, dict) else full[k] for k, v in like.items()}
-
-
-_EVAL_FUSE = None
-
-
-def _eval_fuse(model, vi, ir):
-    global _EVAL_FUSE
-    if _EVAL_FUSE is None:
-        from flax import nnx
-        _EVAL_FUSE = nnx.jit(lambda m, a, b: m(a, b))
-    return _EVAL_FUSE(model, vi, ir)
 
 
 class MetricsLogger:
@@ -290,5 +272,4 @@ class MetricsLogger:
             self.tb.close()
 
 
-__all__ = ["Trainer", "TrainingError", "MetricsLogger", "init_distributed", "CHECKPOINT_SUBDIR",
-           "merge_trees"]
+__all__ = ["Trainer", "TrainingError", "MetricsLogger", "init_distributed", "CHECKPOINT_SUBDIR"]

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from convert.keymap import KEY_MAP, PREFIX, SUBMODEL_KEYS, Row, to_nnx, to_torch, torch_shape, unused_default
+from smfnet_jax.torch_weights.keymap import KEY_MAP, PREFIX, SUBMODEL_KEYS, Row, to_nnx, to_torch, torch_shape, unused_default
 
 
 class KeyMapError(ValueError):

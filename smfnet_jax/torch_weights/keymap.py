@@ -72,11 +72,11 @@ def _mdta(tk, path):
     yield from _conv(tk + ".project_out", path + ".project_out", bias=False)
 
 
-def _restormer(tk, path, ffn_torch="ffn_leff", ffn_path="ffn"):
+def _restormer(tk, path, ffn_torch="ffn_leff"):
     yield from _ln(tk + ".norm1", path + ".norm1")
     yield from _mdta(tk + ".attn", path + ".attn")
     yield from _ln(tk + ".norm2", path + ".norm2")
-    yield from _leff(f"{tk}.{ffn_torch}", f"{path}.{ffn_path}")
+    yield from _leff(f"{tk}.{ffn_torch}", f"{path}.ffn")
 
 
 def _base_transformer(tk, path):
@@ -186,7 +186,7 @@ def _graph():
 
 
 def _base_fuse():
-    yield from _restormer("", "", ffn_torch="mlp", ffn_path="mlp")
+    yield from _restormer("", "", ffn_torch="mlp")  # a RestormerBlock here
     yield from _unused("reduce_channel.weight", (64, 128, 1, 1))
 
 
