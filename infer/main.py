@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m infer.main",
         description="Fuse infrared/visible (or MRI/PET, MRI/SPECT, MRI/CT) image pairs with SMFNet. "
-                    "Pairs are matched by file stem; PNG, JPEG, BMP and TIFF files (8- or 16-bit, "
+                    "Pairs are matched by file stem; PNG, JPEG, BMP, TIFF and PNM files (8- or 16-bit, "
                     "1 or 3 channels) are read.",
         epilog="Exit status: 0 when every pair was fused, 1 when some pair failed (each is "
                "reported with its reason), 2 for a usage error.")
