@@ -13,7 +13,8 @@ Sizes are HxW. Every size runs in a fresh subprocess, so each peak RSS is that s
 - pixels_per_s: H*W / seconds_per_pair;
 - gflop_per_pair and gflops (achieved GFLOP/s): FLOPs from XLA's cost analysis of the
   compiled fusion (`flops_source`); with --tile, per-tile FLOPs times the number of tiles;
-- peak_rss_mb: the subprocess's maximum resident set size (ru_maxrss).
+- peak_rss_mb: the subprocess's maximum resident set size (ru_maxrss); on GPU/TPU also
+  peak_device_mb, the device's peak memory in use (`memory_stats()`).
 
 Inputs are seeded uniform noise; the model's speed does not depend on the values. With
 --tile, the pair is fused by `smfnet_jax.inference.fuse_tiled` (bounded memory).
@@ -28,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+from smfnet_jax.backend import IMPL_ENV, IMPL_HELP
 from smfnet_jax.fileio import atomic_write_json
 
 KEYS = ("compile_s", "seconds_per_pair", "pixels_per_s", "gflops", "peak_rss_mb")
@@ -57,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Time SMFNet fusion per image size (each size in a fresh subprocess).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Example: python -m infer.bench --ckpt models/model_VIF.pth "
-               "--sizes 128x128,480x640 --json bench.json")
+               "--sizes 128x128,480x640 --json bench.json. " + IMPL_HELP)
     p.add_argument("--ckpt", required=True, type=Path,
                    help="reference .pth file, converted orbax directory or training workdir")
     p.add_argument("--sizes", type=parse_sizes, default=parse_sizes("128x128,256x256,480x640"),
@@ -93,7 +95,8 @@ def run_one(args, h: int, w: int) -> dict:
 
     t_start = time.perf_counter()
     from smfnet_jax.inference import fuse_tiled, tile_starts
-    from smfnet_jax.runtime import configure_xla_cpu, enable_compilation_cache
+    from smfnet_jax.runtime import (configure_xla_cpu, describe_platform, device_peak_memory_mb,
+                                    enable_compilation_cache)
     configure_xla_cpu()
     import jax
     import jax.numpy as jnp
@@ -166,8 +169,8 @@ def run_one(args, h: int, w: int) -> dict:
         "dtype": args.dtype,
         "tile": args.tile, "overlap": args.overlap if args.tile else None, "n_tiles": n_tiles,
         "cache_dir": str(cache_dir) if cache_dir else None,
-        "device": str(jax.devices()[0].device_kind),
-        "platform": jax.devices()[0].platform,
+        **describe_platform(),
+        "peak_device_mb": device_peak_memory_mb(),
         "cpu_count": os.cpu_count(),
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -191,7 +194,8 @@ def _worker_argv(args, size: str) -> list[str]:
 
 
 def format_table(results: dict) -> str:
-    head = f"{'size':>11} {'compile s':>9} {'s/pair':>8} {'Mpix/s':>7} {'GFLOP/pair':>10} {'GFLOP/s':>8} {'peak RSS MB':>11}"
+    head = (f"{'size':>11} {'compile s':>9} {'s/pair':>8} {'Mpix/s':>7} {'GFLOP/pair':>10} "
+            f"{'GFLOP/s':>8} {'peak RSS MB':>11} {'device MB':>9}")
     rows = [head, "-" * len(head)]
     for size, r in results.items():
         if "error" in r:
@@ -199,8 +203,12 @@ def format_table(results: dict) -> str:
             continue
         rows.append(f"{size:>11} {r['compile_s']:9.2f} {r['seconds_per_pair']:8.3f} "
                     f"{r['pixels_per_s'] / 1e6:7.3f} {r['gflop_per_pair']:10.1f} {r['gflops']:8.1f} "
-                    f"{r['peak_rss_mb']:11.0f}")
+                    f"{r['peak_rss_mb']:11.0f} {_mb(r.get('peak_device_mb')):>9}")
     return "\n".join(rows)
+
+
+def _mb(value) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def main(argv=None) -> int:
@@ -236,7 +244,8 @@ def main(argv=None) -> int:
     print(format_table(results))
     if results and not failed:
         r0 = next(iter(results.values()))
-        print(f"device: {r0['device']} ({r0['platform']}, {r0['cpu_count']} CPUs), dtype {r0['dtype']}, "
+        print(f"device: {r0['device']} ({r0['platform']}, {r0['cpu_count']} CPUs), routines "
+              f"{r0['impl']} ({IMPL_ENV}), dtype {r0['dtype']}, "
               f"FLOPs from {r0['flops_source']}, cache {r0['cache_dir']}")
     if args.json:
         atomic_write_json(args.json, results)

@@ -27,6 +27,7 @@ from typing import Callable, Iterable
 import numpy as np
 from tqdm import tqdm
 
+from smfnet_jax.backend import IMPL_HELP
 from smfnet_jax.imageio import (
     IMAGE_EXTENSIONS,
     ImageReadError,
@@ -91,6 +92,15 @@ class PairError(Exception):
     """This pair cannot be fused; the message says why."""
 
 
+@dataclass
+class LoadedPair:
+    pair: Pair
+    ir: np.ndarray         # [0, 1] HxW
+    vi: np.ndarray         # Y in [0, 1] HxW
+    vi_ycrcb: np.ndarray   # 0..255 HxWx3
+    grey: bool             # the second image is grey
+
+
 def load_pair(pair: Pair):
     """-> (ir in [0,1] HxW, vi Y in [0,1] HxW, vi YCrCb 0..255 HxWx3, second image is grey)."""
     try:
@@ -129,22 +139,36 @@ def render(fused255: np.ndarray, vi_ycrcb: np.ndarray, grey: bool) -> np.ndarray
     return ycrcb_to_rgb(np.stack([fused255, vi_ycrcb[..., 1], vi_ycrcb[..., 2]], axis=-1))
 
 
-def fuse_pair(fuser: Callable, pair: Pair, out_dir: Path, normalize: bool, save_npy: bool) -> list[Path]:
-    """Fuse one pair and write its outputs; raises PairError with nothing left on disk."""
-    ir, vi, vi_ycrcb, grey = load_pair(pair)
+def fuse_batch(fuser: Callable, batch: list[LoadedPair]) -> list[np.ndarray | PairError]:
+    """Fuse same-size loaded pairs in one call (one pair: `fuser(ir, vi)` on HxW arrays; more:
+    on NxHxW stacks). Returns per pair its HxW float32 output or the PairError saying why not."""
     try:
-        fused = np.asarray(fuser(ir, vi), np.float32)
-    except Exception as e:  # a model failure on one input must not stop the others
-        raise PairError(f"fusion failed: {type(e).__name__}: {e}") from e
-    if fused.shape != ir.shape:
-        raise PairError(f"the model returned shape {fused.shape}, expected {ir.shape}")
-    if not np.all(np.isfinite(fused)):
-        raise PairError("the model returned non-finite values")
-    image = render(postprocess(fused, normalize), vi_ycrcb, grey)
+        if len(batch) == 1:
+            outputs = [fuser(batch[0].ir, batch[0].vi)]
+        else:
+            outputs = list(fuser(np.stack([b.ir for b in batch]), np.stack([b.vi for b in batch])))
+    except Exception as e:  # a model failure must not stop the other pairs
+        return [PairError(f"fusion failed: {type(e).__name__}: {e}") for _ in batch]
+    results = []
+    for b, fused in zip(batch, outputs):
+        fused = np.asarray(fused, np.float32)
+        if fused.shape != b.ir.shape:
+            results.append(PairError(f"the model returned shape {fused.shape}, expected {b.ir.shape}"))
+        elif not np.all(np.isfinite(fused)):
+            results.append(PairError("the model returned non-finite values"))
+        else:
+            results.append(fused)
+    return results
 
-    targets = [(out_dir / f"{pair.name}.png", lambda p: write_png(p, image))]
+
+def write_outputs(loaded: LoadedPair, fused: np.ndarray, out_dir: Path, normalize: bool,
+                  save_npy: bool) -> list[Path]:
+    """Write one pair's outputs; raises PairError with nothing left on disk."""
+    image = render(postprocess(fused, normalize), loaded.vi_ycrcb, loaded.grey)
+    name = loaded.pair.name
+    targets = [(out_dir / f"{name}.png", lambda p: write_png(p, image))]
     if save_npy:
-        targets.append((out_dir / f"{pair.name}.npy", lambda p: write_npy(p, fused)))
+        targets.append((out_dir / f"{name}.npy", lambda p: write_npy(p, fused)))
     written = []
     try:
         for path, write in targets:
@@ -157,6 +181,24 @@ def fuse_pair(fuser: Callable, pair: Pair, out_dir: Path, normalize: bool, save_
     return written
 
 
+def same_size_batches(pairs: Iterable[Pair], size: int, failed: Callable[[Pair, PairError], None]):
+    """Load `pairs` in order and yield lists of up to `size` consecutive loaded pairs of one
+    image size; a pair that cannot be loaded goes to `failed` and is left out."""
+    batch: list[LoadedPair] = []
+    for pair in pairs:
+        try:
+            loaded = LoadedPair(pair, *load_pair(pair))
+        except PairError as e:
+            failed(pair, e)
+            continue
+        if batch and (len(batch) == size or batch[0].ir.shape != loaded.ir.shape):
+            yield batch
+            batch = []
+        batch.append(loaded)
+    if batch:
+        yield batch
+
+
 # ----------------------------------------------------------------------------- CLI
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "Pairs are matched by file stem; PNG, JPEG, BMP, TIFF and PNM files (8- or 16-bit, "
                     "1 or 3 channels) are read.",
         epilog="Exit status: 0 when every pair was fused, 1 when some pair failed (each is "
-               "reported with its reason), 2 for a usage error.")
+               "reported with its reason), 2 for a usage error. " + IMPL_HELP)
     p.add_argument("--ckpt", required=True, type=Path,
                    help="orbax checkpoint directory (from convert.main or training) or a released .pth file")
     p.add_argument("--ir", required=True, type=Path,
@@ -191,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="minimum overlap of neighbouring tiles with --tile (default: 32)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="compute dtype; bfloat16 is meant for GPU/TPU (slow on CPU)")
+    p.add_argument("--batch", type=int, default=1, metavar="N",
+                   help="fuse up to N consecutive same-size pairs in one call (e.g. the 640x480 "
+                        "MSRS frames; pays on GPU/TPU); outputs equal N=1 up to float rounding. "
+                        "With --tile pairs are fused one by one (default: 1)")
     return p
 
 
@@ -209,6 +255,8 @@ def check_folders(args) -> str | None:
         return f"--ckpt {args.ckpt} does not exist"
     if args.tile and (args.tile < 16 or not 0 <= args.overlap < args.tile // 2):
         return f"--tile {args.tile} --overlap {args.overlap}: need tile >= 16 and 0 <= overlap < tile/2"
+    if args.batch < 1:
+        return f"--batch {args.batch}: must be at least 1"
     return None
 
 
@@ -234,19 +282,31 @@ def run(args, fuser: Callable | None = None) -> int:
         fuser = tiled(fuser, args.tile, args.overlap)
 
     fused_names, times = [], []
-    bar = tqdm(pairs, desc="fusing", unit="pair", file=sys.stderr, dynamic_ncols=True)
-    for pair in bar:
+    bar = tqdm(total=len(pairs), desc="fusing", unit="pair", file=sys.stderr, dynamic_ncols=True)
+
+    def failed(pair: Pair, e: PairError) -> None:
+        failures.append(Failure(pair.name, str(e)))
+        tqdm.write(f"failed {pair.name}: {e}", file=sys.stderr)
+        bar.update(1)
+
+    t0 = time.perf_counter()
+    for batch in same_size_batches(pairs, 1 if args.tile else args.batch, failed):
+        done = 0
+        for loaded, fused in zip(batch, fuse_batch(fuser, batch)):
+            try:
+                if isinstance(fused, PairError):
+                    raise fused
+                write_outputs(loaded, fused, args.out, not args.no_normalize, args.save_npy)
+            except PairError as e:
+                failed(loaded.pair, e)
+                continue
+            fused_names.append(loaded.pair.name)
+            done += 1
+            bar.update(1)
+        dt = (time.perf_counter() - t0) / len(batch)  # loading, fusion and writing, per pair
+        times += [dt] * done
+        bar.set_postfix_str(f"{batch[-1].pair.name}: {dt:.2f} s/pair")
         t0 = time.perf_counter()
-        try:
-            fuse_pair(fuser, pair, args.out, normalize=not args.no_normalize, save_npy=args.save_npy)
-        except PairError as e:
-            failures.append(Failure(pair.name, str(e)))
-            tqdm.write(f"failed {pair.name}: {e}", file=sys.stderr)
-            continue
-        dt = time.perf_counter() - t0
-        times.append(dt)
-        fused_names.append(pair.name)
-        bar.set_postfix_str(f"{pair.name}: {dt:.2f} s")
     bar.close()
 
     total = len({p.name for p in pairs} | {f.name for f in failures})

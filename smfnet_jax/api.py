@@ -27,6 +27,9 @@ from smfnet_jax.runtime import configure_xla_cpu, enable_compilation_cache
 class Fuser:
     """Fuses (ir, vi) pairs with `SMFNet.fuse` in eval mode (BatchNorm running statistics).
 
+    `fuser(ir, vi)` takes two HxW float32 arrays in [0, 1] and returns the HxW raw sigmoid
+    output, or two NxHxW stacks of same-size pairs and returns N outputs (one program for N
+    pairs: better use of a GPU or TPU; equal to fusing them one by one up to float rounding).
     dtype: compute dtype. `jnp.bfloat16` casts the parameters to bf16 once and computes in
     bf16 (meant for GPU/TPU; slow on CPU); the output is always float32.
     The model passed in is not modified (the fuser keeps an eval-mode copy).
@@ -41,41 +44,44 @@ class Fuser:
         if compute != jnp.float32:
             state = cast_floats(state, compute)
 
-        def fuse(state, ir, vi):
+        def fuse(state, ir, vi):  # (N, H, W) -> (N, H, W)
             m = nnx.merge(graphdef, state)
-            out = m.fuse(vi[None, :, :, None].astype(compute), ir[None, :, :, None].astype(compute))
-            return out[0, :, :, 0].astype(jnp.float32)
+            out = m.fuse(vi[..., None].astype(compute), ir[..., None].astype(compute))
+            return out[..., 0].astype(jnp.float32)
 
         self._state = state
         self.model = model  # the eval-mode model the program was built from
         self._fuse = jax.jit(fuse)
 
-    def lower(self, height: int, width: int):
-        """The jitted fusion lowered for one HxW shape (`.compile()` it; for benchmarks)."""
-        spec = jax.ShapeDtypeStruct((height, width), jnp.float32)
+    def lower(self, height: int, width: int, batch: int = 1):
+        """The jitted fusion lowered for `batch` pairs of HxW (`.compile()` it; for benchmarks)."""
+        spec = jax.ShapeDtypeStruct((batch, height, width), jnp.float32)
         return self._fuse.lower(self._state, spec, spec)
 
-    def compile(self, height: int, width: int):
-        """Compile for one HxW shape ahead of time; returns `fn(ir, vi) -> HxW float32 numpy`
-        and keeps the compiled executable (`fn.compiled`, e.g. for `.cost_analysis()`)."""
-        compiled = self.lower(height, width).compile()
-        state = self._state
-
-        def fn(ir, vi):
-            return np.asarray(compiled(state, np.asarray(ir, np.float32), np.asarray(vi, np.float32)))
-
-        fn.compiled = compiled
-        return fn
-
-    def fuse_device(self, ir: jax.Array, vi: jax.Array) -> jax.Array:
-        return self._fuse(self._state, ir, vi)
+    def compile(self, height: int, width: int, batch: int = 1):
+        """Compile for `batch` pairs of HxW ahead of time; returns `fn(ir, vi)` (HxW arrays for
+        batch 1, else NxHxW stacks) and keeps the executable (`fn.compiled`, e.g. for
+        `.cost_analysis()`)."""
+        compiled = self.lower(height, width, batch).compile()
+        return _batched(lambda ir, vi: compiled(self._state, ir, vi), compiled)
 
     def __call__(self, ir: np.ndarray, vi: np.ndarray) -> np.ndarray:
+        return _batched(lambda a, b: self._fuse(self._state, a, b))(ir, vi)
+
+
+def _batched(run, compiled=None):
+    """`run` on NxHxW float32 stacks, also callable with one HxW pair."""
+    def fn(ir, vi):
         ir = np.asarray(ir, np.float32)
         vi = np.asarray(vi, np.float32)
-        if ir.ndim != 2 or ir.shape != vi.shape:
-            raise ValueError(f"expected two HxW arrays of one size, got {ir.shape} and {vi.shape}")
-        return np.asarray(self._fuse(self._state, ir, vi))
+        if ir.ndim not in (2, 3) or ir.shape != vi.shape:
+            raise ValueError("expected two HxW arrays (or NxHxW stacks) of one size, "
+                             f"got {ir.shape} and {vi.shape}")
+        if ir.ndim == 2:
+            return np.asarray(run(ir[None], vi[None]))[0]
+        return np.asarray(run(ir, vi))
+    fn.compiled = compiled
+    return fn
 
 
 def load_fuser(ckpt: str | os.PathLike, *, cache: bool = True, **kwargs) -> Fuser:

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from smfnet_jax import backend
+
 Array = jax.Array
 
 
@@ -102,17 +104,22 @@ def pad_hw(x: Array, padding: int, mode: str = "zeros") -> Array:
 
 def dense_conv(x: Array, kernel: Array, *, padding: int = 0, dilation: int = 1,
                pad_mode: str = "zeros", deterministic: bool = False) -> Array:
-    """Stride-1 dense convolution of NHWC `x` with an HWIO kernel, by the fastest exact route.
+    """Stride-1 dense convolution of NHWC `x` with an HWIO kernel, by the backend's route.
 
-    A 1x1 conv is a matmul over channels (XLA:CPU runs dot_general ~3x faster than a 1x1
-    convolution, forward and backward). Otherwise, in train mode the input is padded and
-    convolved by `conv_valid`, whose hand-written backward runs at forward speed; in eval
-    mode (`deterministic`, no gradient expected) zero padding happens inside XLA's
-    convolution, which saves the padded copy of the input.
+    `backend.impl() == "xla"` (GPU/TPU): XLA's convolution, zero padding inside it, automatic
+    differentiation. On XLA:CPU ("cpu"): a 1x1 conv is a matmul over channels (dot_general
+    runs ~3x faster than a 1x1 convolution, forward and backward); otherwise, in train mode
+    the input is padded and convolved by `conv_valid`, whose hand-written backward runs at
+    forward speed; in eval mode (`deterministic`, no gradient expected) zero padding
+    happens inside XLA's convolution, which saves the padded copy of the input.
     """
+    zeros = pad_mode == "zeros"
+    if backend.impl() == "xla":
+        return _xla_conv(x if zeros else pad_hw(x, padding, pad_mode), kernel, dilation,
+                         padding=padding if zeros else 0)
     if kernel.shape[:2] == (1, 1) and not padding:
         return jnp.einsum("nhwc,cd->nhwd", x, kernel[0, 0])
-    if deterministic and pad_mode == "zeros":
+    if deterministic and zeros:
         return _xla_conv(x, kernel, dilation, padding=padding)
     return conv_valid(pad_hw(x, padding, pad_mode), kernel, dilation)
 
@@ -160,17 +167,20 @@ class Conv2d(nnx.Module):
             kernel = kernel[..., out]
             bias = None if bias is None else bias[out]
         kernel = kernel.astype(parts[0].dtype)
+        depthwise = len(parts) == 1 and kernel.shape[2] == 1 and kernel.shape[3] == parts[0].shape[-1]
         if self.groups == 1:
             y = self._dense_of_parts(parts, kernel)
-        elif len(parts) == 1 and kernel.shape[2] == 1 and kernel.shape[3] == parts[0].shape[-1]:
-            # depthwise: shifted multiply-adds (XLA:CPU's grouped conv is 3-7x slower)
+        elif not (depthwise or (len(parts) == 1 and out is None)):
+            raise ValueError("a grouped conv takes one input, and output slices only when depthwise")
+        elif depthwise and backend.impl() == "cpu":
+            # shifted multiply-adds: XLA:CPU's grouped conv is 3-7x slower
             y = depthwise_valid(pad_hw(parts[0], self.padding, self.pad_mode), kernel[:, :, 0, :],
                                 self.dilation)
-        elif len(parts) == 1 and out is None:
-            y = _xla_conv(pad_hw(parts[0], self.padding, self.pad_mode), kernel, self.dilation,
-                          self.groups)
-        else:
-            raise ValueError("a grouped conv takes one input, and output slices only when depthwise")
+        else:  # XLA's grouped conv, zero padding inside it
+            zeros = self.pad_mode == "zeros"
+            y = _xla_conv(parts[0] if zeros else pad_hw(parts[0], self.padding, self.pad_mode),
+                          kernel, self.dilation, kernel.shape[3] if depthwise else self.groups,
+                          padding=self.padding if zeros else 0)
         if bias is not None:
             y = y + bias.astype(y.dtype)
         return y
@@ -247,13 +257,14 @@ class LayerNorm(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32)) if with_bias else None
 
     def __call__(self, x: Array) -> Array:
-        mu = jnp.mean(x, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(x - mu), axis=-1, keepdims=True)
+        xf = x.astype(jnp.float32)  # statistics in float32 whatever the compute dtype
+        mu = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mu), axis=-1, keepdims=True)
         inv = jax.lax.rsqrt(var + 1e-5)
-        w = self.weight[...].astype(x.dtype)
+        w = self.weight[...]
         if self.bias is None:
-            return x * inv * w
-        return (x - mu) * inv * w + self.bias[...].astype(x.dtype)
+            return (xf * inv * w).astype(x.dtype)
+        return ((xf - mu) * inv * w + self.bias[...]).astype(x.dtype)
 
 
 class BatchNorm2d(nnx.Module):

@@ -568,7 +568,8 @@ class SMFNet(nnx.Module):
         x = jnp.concatenate([f["vi_detail"] + f["vi_base"] + f["graph_vi"],
                              f["ir_detail"] + f["ir_base"] + f["graph_ir"]], axis=0)
         logits, feature = self.decoder(x)
-        return {"vi_hat": jax.nn.sigmoid(logits[:n]), "ir_hat": jax.nn.sigmoid(logits[n:]),
+        image = _sigmoid_f32(logits)
+        return {"vi_hat": image[:n], "ir_hat": image[n:],
                 "vi_feature": feature[:n], "ir_feature": feature[n:]}
 
     def fusion_head(self, f: dict[str, Array]) -> dict[str, Array]:
@@ -578,7 +579,7 @@ class SMFNet(nnx.Module):
         fuse_detail = self.detail_fuse(f["ir_detail"] + f["vi_detail"])
         logits, feature = self.decoder(fuse_detail + fuse_base + g)
         return {"graph_fused": g, "fuse_base": fuse_base, "fuse_detail": fuse_detail,
-                "fused_logits": logits, "fused": jax.nn.sigmoid(logits), "fused_feature": feature}
+                "fused_logits": logits, "fused": _sigmoid_f32(logits), "fused_feature": feature}
 
     def fuse(self, vi: Array, ir: Array) -> Array:
         """`phase2(vi, ir)["fused"]` with a small working set (the inference path).
@@ -601,10 +602,15 @@ class SMFNet(nnx.Module):
         fused, level1 = jax.lax.optimization_barrier((fused, level1))
         g = self.graph.fuse(list(self.graph(level1[0], level1[1])))
         logits, _ = self.decoder(fused + g)
-        return jax.nn.sigmoid(logits)
+        return _sigmoid_f32(logits)
 
     def __call__(self, vi: Array, ir: Array) -> Array:
         return self.fuse(vi, ir)
+
+
+def _sigmoid_f32(logits: Array) -> Array:
+    """The output image, computed in float32 whatever the compute dtype (mixed precision)."""
+    return jax.nn.sigmoid(logits.astype(jnp.float32))
 
 
 def _channel_slices(c: int, n: int) -> list[slice]:

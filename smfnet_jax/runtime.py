@@ -10,6 +10,8 @@ from pathlib import Path
 
 import jax
 
+from smfnet_jax import backend
+
 CACHE_ENV = "SMFNET_JAX_CACHE"
 JAX_CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
 _CACHE_OFF = {"", "0", "off", "none", "false", "no"}
@@ -67,10 +69,29 @@ def configure_xla_cpu() -> bool:
     3.44 GB with it and 1.93 GB without. XLA reads $XLA_FLAGS once, when JAX creates its
     backends, so call this first thing in a process (the CLIs do); called later it only
     reaches subprocesses. Other backends ignore XLA:CPU flags. Flags already in $XLA_FLAGS
-    win. Returns whether it added a flag.
+    win. Nothing is added when $SMFNET_JAX_IMPL=xla (`smfnet_jax.backend`). Returns whether it
+    added a flag.
     """
+    if backend.requested() == "xla":
+        return False
     flags = os.environ.get("XLA_FLAGS", "")
     extra = [f for f in CPU_XLA_FLAGS if f.split("=")[0] not in flags]
     if extra:
         os.environ["XLA_FLAGS"] = " ".join([flags, *extra]).strip()
     return bool(extra)
+
+
+# --------------------------------------------------------------------------- measurements
+def device_peak_memory_mb() -> float | None:
+    """Peak memory in use on the first device since the process started, in MB, from
+    `Device.memory_stats()` (GPU/TPU); None where the backend does not report it (CPU)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / 1e6
+
+
+def describe_platform() -> dict:
+    """What a measurement ran on: platform, device kind and count, routines in force."""
+    dev = jax.devices()[0]
+    return {"platform": dev.platform, "device": str(dev.device_kind),
+            "device_count": jax.device_count(), "impl": backend.impl()}

@@ -1,15 +1,15 @@
 """Shared test helpers (tests/ is on sys.path under pytest's default import mode)."""
 import numpy as np
 
-PARITY_RTOL = 1e-5  # max |ours - ref| <= PARITY_RTOL * max(1, max |ref|)
+from smfnet_jax.parity import PARITY_RTOL, relative_error
 
 
 def assert_close(name: str, ours, ref, rtol: float = PARITY_RTOL) -> None:
+    """max |ours - ref| <= rtol * max(1, max |ref|)."""
     ours, ref = np.asarray(ours), np.asarray(ref)
     assert ours.shape == ref.shape, f"{name}: shape {ours.shape} != {ref.shape}"
-    err = float(np.max(np.abs(ours - ref)))
-    tol = rtol * max(1.0, float(np.max(np.abs(ref))))
-    assert err <= tol, f"{name}: max |ours - ref| = {err:.3g} > {tol:.3g}"
+    err = relative_error(ours, ref)
+    assert err <= rtol, f"{name}: max |ours - ref| / max(1, max |ref|) = {err:.3g} > {rtol:.3g}"
 
 
 def reference_channel_attention(q, k, v, temperature, heads):

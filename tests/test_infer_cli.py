@@ -266,3 +266,36 @@ def test_tiles_with_a_per_pixel_fuser_equal_whole_image(dirs, use_fuser):
     assert cli.main(_args(ir, vi, whole, ckpt, "--save-npy")) == 0
     np.testing.assert_allclose(np.load(out / "t.npy"), np.load(whole / "t.npy"), rtol=0, atol=1e-6)
     assert cli.main(_args(ir, vi, out, ckpt, "--tile", "32", "--overlap", "20")) == 2
+
+
+def test_batch_fuses_same_size_pairs_together(dirs, use_fuser, capsys):
+    """--batch N: consecutive same-size pairs in one call (NxHxW stacks), a size change or a
+    corrupt pair never mixes into a batch, and the outputs are those of --batch 1."""
+    ir, vi, out, ckpt = dirs
+    rng = np.random.default_rng(4)
+    for name, (h, w) in [("a", (6, 6)), ("b", (6, 6)), ("c", (6, 6)), ("d", (5, 7)), ("e", (6, 6))]:
+        _save(ir / f"{name}.png", rng.integers(0, 256, (h, w), dtype=np.uint8))
+        _save(vi / f"{name}.png", rng.integers(0, 256, (h, w), dtype=np.uint8))
+    (ir / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    _save(vi / "bad.png", rng.integers(0, 256, (6, 6), dtype=np.uint8))
+    calls = []
+
+    def fuser(a, b):
+        calls.append(a.shape)
+        return (0.25 * a + 0.75 * b * b).astype(np.float32)
+
+    use_fuser(fuser)
+    outputs = {}
+    for n in (1, 2):
+        calls.clear()
+        dest = out / f"n{n}"
+        assert cli.main(_args(ir, vi, dest, ckpt, "--batch", str(n), "--save-npy")) == 1
+        assert "bad: " in capsys.readouterr().out            # the corrupt pair is named
+        outputs[n] = {p.name: p.read_bytes() for p in dest.iterdir()}
+        assert sorted(outputs[n]) == [f"{s}.{e}" for s in "abcde" for e in ("npy", "png")]
+        if n == 1:
+            assert calls == [(6, 6)] * 3 + [(5, 7), (6, 6)]
+        else:  # a, b | bad skipped | c alone before the size change | d | e
+            assert calls == [(2, 6, 6), (6, 6), (5, 7), (6, 6)]
+    assert outputs[1] == outputs[2]
+    assert cli.main(_args(ir, vi, out / "x", ckpt, "--batch", "0")) == 2

@@ -54,6 +54,26 @@ def test_fuse_equals_phase2_in_eval_mode(model, fuser, pair):
     assert_close("fuse vs phase2", fuser(ir, vi), np.asarray(whole)[0, :, :, 0])
 
 
+def test_batched_fusion_equals_one_by_one(fuser, reference_arrays):
+    ir, vi = reference_arrays["ir"][:, 0], reference_arrays["vi"][:, 0]   # 2 pairs, 40x56
+    batched = fuser(ir, vi)
+    assert batched.shape == ir.shape
+    for i in range(len(ir)):
+        assert_close(f"pair {i}", batched[i], fuser(ir[i], vi[i]), rtol=1e-6)
+    with pytest.raises(ValueError, match="HxW"):
+        fuser(ir, vi[:1])
+
+
+def test_xla_routines_fuse_like_cpu_routines(model, fuser, pair):
+    """`fuse` with XLA's convolutions everywhere (the GPU/TPU path), run on CPU."""
+    from smfnet_jax.backend import use_impl
+    ir, vi, fused = pair
+    with use_impl("xla"):
+        out = Fuser(model)(ir, vi)  # a new Fuser: traced (and compiled) inside the block
+    assert_close("fuse, xla routines", out, fuser(ir, vi))
+    assert_close("fuse, xla routines vs reference", out, fused)
+
+
 def test_fuser_leaves_the_model_in_train_mode(model):
     Fuser(model)
     assert not model.graph.concat_ir.bn.use_running_average and not model.encoder.patch_embed.deterministic
@@ -174,3 +194,23 @@ def test_bench_cli(tmp_path, fixture_pth):
     for key in ("compile_s", "seconds_per_pair", "pixels_per_s", "gflops", "peak_rss_mb"):
         assert isinstance(r[key], float) and r[key] > 0, key
     assert r["pixels_per_s"] == pytest.approx(256 / r["seconds_per_pair"])
+
+
+def test_device_check_quick(tmp_path, shared_dir):
+    """`python -m infer.device_check --quick`: the parity fixture, fusion timings and a train
+    step with both routine sets, one table, exit 0 (what a GPU/TPU session runs in full)."""
+    out = tmp_path / "check.json"
+    env = dict(os.environ, SMFNET_SHARED=str(shared_dir))
+    run = subprocess.run([sys.executable, "-m", "infer.device_check", "--quick", "--json", str(out)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, (run.stdout[-2000:], run.stderr[-2000:])
+    assert "SMFNet device check on" in run.stdout
+    doc = json.loads(out.read_text())
+    rows = {(r["check"], r["setting"]): r for r in doc["rows"]}
+    parity = [r for (check, _), r in rows.items() if check == "parity"]
+    assert len(parity) == 19 and all(r["value"] <= 1e-5 for r in parity)
+    for dtype in ("float32", "bfloat16"):
+        assert rows["fusion", f"128x128 {dtype}"]["value"] > 0
+    for impl in ("cpu", "xla"):
+        train = rows["train", f"phase II b2 32x32 {impl}"]
+        assert train["value"] > 0 and train["peak_rss_mb"] > 0

@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from helpers import reference_channel_attention
+from smfnet_jax.backend import IMPL_ENV, use_impl
 from smfnet_jax.layers import Conv2d, channel_attention
 
 
@@ -32,13 +33,19 @@ CASES = [  # cin, cout, k, pad, groups, dilation, pad_mode
 ]
 
 
-@pytest.mark.parametrize("deterministic", [False, True], ids=["train", "eval"])
+@pytest.mark.parametrize("impl,deterministic", [("cpu", False), ("cpu", True), ("xla", False)],
+                         ids=["cpu-train", "cpu-eval", "xla"])
 @pytest.mark.parametrize("cin,cout,k,pad,groups,dil,mode", CASES)
-def test_conv_paths_match_xla(cin, cout, k, pad, groups, dil, mode, deterministic):
+def test_conv_paths_match_xla(cin, cout, k, pad, groups, dil, mode, impl, deterministic):
     conv = Conv2d(cin, cout, k, padding=pad, groups=groups, dilation=dil, pad_mode=mode,
                   rngs=nnx.Rngs(0))
     conv.eval() if deterministic else conv.train()
     assert conv.deterministic is deterministic
+    with use_impl(impl):
+        _check_conv_against_xla(conv, cin, pad, groups, dil, mode)
+
+
+def _check_conv_against_xla(conv, cin, pad, groups, dil, mode):
     x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 11, 9, cin)), jnp.float32)
     kernel, bias = conv.kernel[...], conv.bias[...]
 
@@ -88,3 +95,22 @@ def test_channel_attention_matches_reference_order(project):
         ref = proj(ref)
     np.testing.assert_allclose(channel_attention(q, k, v, temperature, 4, proj), ref,
                                rtol=1e-5, atol=1e-5)
+
+
+def test_backend_policy_names_bad_settings(monkeypatch):
+    from smfnet_jax import backend
+    with pytest.raises(ValueError, match="use_impl='gpu'"):
+        with use_impl("gpu"):
+            pass
+    monkeypatch.setenv(IMPL_ENV, "fast")
+    backend.requested.cache_clear()
+    try:
+        with pytest.raises(ValueError, match=f"{IMPL_ENV}='fast': expected one of auto, cpu, xla"):
+            backend.impl()
+    finally:
+        monkeypatch.delenv(IMPL_ENV)
+        backend.requested.cache_clear()
+    with use_impl("xla"):
+        assert backend.impl() == "xla"
+        with use_impl("auto"):
+            assert backend.impl() == ("cpu" if jax.default_backend() == "cpu" else "xla")

@@ -115,6 +115,31 @@ def test_microbatched_gradient_equals_whole_batch(phase, our_losses):
     assert worst <= max(1e-5, 2 * sensitivity), (worst, sensitivity)
 
 
+def test_xla_routines_equal_cpu_routines(our_losses, fixture_pth, reference_arrays):
+    """The GPU/TPU path (XLA's convolutions, automatic differentiation), run on CPU: the same
+    phase-II loss terms, BatchNorm statistics and gradients as the XLA:CPU routines, up to
+    float32 rounding (calibrated as in the micro-batch test above)."""
+    import jax
+    from smfnet_jax.backend import use_impl
+    from smfnet_jax.checkpoint import load_pth_model
+    from train.configs.msrs import get_config
+    from train.step import make_value_and_grad, split_model
+    vi, ir = (reference_arrays[k].transpose(0, 2, 3, 1) for k in ("vi", "ir"))
+    graphdef, params, stats = split_model(load_pth_model(fixture_pth).model)
+    cfg = get_config()
+    cfg.microbatches = 0  # auto: the whole batch with XLA's routines
+    with use_impl("xla"):
+        (_, (terms, new_stats)), grads = jax.jit(make_value_and_grad(graphdef, 2, cfg))(
+            params, stats, vi, ir)
+    terms_cpu, _, grads_cpu, stats_cpu = our_losses[2, 1]
+    assert {n: float(v) for n, v in terms.items()} == pytest.approx(terms_cpu, rel=1e-5, abs=1e-7)
+    for a, b in zip(jax.tree.leaves(stats_cpu), jax.tree.leaves(new_stats)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+    sensitivity = _worst_leaf_difference(grads_cpu, our_losses[2, "perturbed"])
+    worst = _worst_leaf_difference(grads_cpu, grads)
+    assert worst <= max(1e-5, 2 * sensitivity), (worst, sensitivity)
+
+
 @pytest.mark.parametrize("phase", [1, 2])
 def test_stage_table_equals_the_model_forward(phase, fixture_pth, reference_arrays):
     """The micro-batching executor's stages, run in order on the whole batch, compute
@@ -154,9 +179,12 @@ def test_microbatch_split_is_strided_and_invertible():
     assert s[1, :, 0].tolist() == [1, 4, 7, 10]
     np.testing.assert_array_equal(np.asarray(join_microbatches(s)), x)
     assert resolve_microbatches(3, 12) == 3
-    # auto: one sample per micro-batch on CPU, the whole batch on GPU/TPU
-    per_device = 12 // jax.device_count()
-    assert resolve_microbatches(0, 12) == (per_device if jax.default_backend() == "cpu" else 1)
+    # auto: one sample per micro-batch with the XLA:CPU routines, the whole batch with XLA's
+    from smfnet_jax.backend import use_impl
+    with use_impl("cpu"):
+        assert resolve_microbatches(0, 12) == 12 // jax.device_count()
+    with use_impl("xla"):
+        assert resolve_microbatches(0, 12) == 1
 
 
 def test_microbatches_must_divide_the_per_device_batch(tmp_path):

@@ -4,9 +4,11 @@
   python -m train.bench --phase 1 --batch 2 --size 128 --steps 5 --json out.json
   python -m train.bench --microbatches 1     # whole-batch gradient (the auto default on CPU
                                              # is one sample per micro-batch)
+  python -m train.bench --precision          # bfloat16 vs float32: loss terms, gradient norms
 
 Each measurement runs in this process on synthetic data; peak memory is the process's
-peak resident set size (ru_maxrss), compilation included.
+peak resident set size (ru_maxrss), compilation included, and on GPU/TPU also the device's
+peak memory in use (`memory_stats()`).
 """
 from __future__ import annotations
 
@@ -16,11 +18,100 @@ import resource
 import sys
 import time
 
+SUBMODELS = ("encoder", "decoder", "graph", "base_fuse", "detail_fuse")
+
+
+def _synthetic_batch(batch: int, size: int):
+    import numpy as np
+    from train.data import SyntheticPairs
+    src = SyntheticPairs(batch, size, seed=0)
+    return {k: np.stack([src[i][k] for i in range(batch)]) for k in ("vi", "ir")}
+
+
+def measure_train_step(phase: int = 2, batch: int = 6, size: int = 128, steps: int = 2,
+                       microbatches: int = 0, dtype: str = "float32") -> dict:
+    """Time the jitted train step (one warm-up step with compilation, then `steps` timed)."""
+    import jax
+    import numpy as np
+    from smfnet_jax.model import create_model
+    from smfnet_jax.runtime import describe_platform, device_peak_memory_mb
+    from train.configs import msrs
+    from train.step import init_train_state, jit_train_step, learning_rates, resolve_microbatches
+    from train.trainer import _global_batch, _replicate, make_mesh
+
+    cfg = msrs.get_config()
+    cfg.compute_dtype = dtype
+    cfg.microbatches = resolve_microbatches(microbatches, batch)
+    mesh = make_mesh()
+    graphdef, state = init_train_state(create_model(0), cfg)
+    state = _replicate(state, mesh)
+    step_fn = jit_train_step(graphdef, phase, cfg, mesh)
+    vi, ir = _global_batch(_synthetic_batch(batch, size), mesh)
+    lrs = {k: np.float32(v) for k, v in learning_rates(0 if phase == 1 else cfg.phase1_epochs, cfg).items()}
+
+    t0 = time.perf_counter()
+    state, metrics = step_fn(state, vi, ir, lrs)
+    jax.block_until_ready(metrics)
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state, metrics = step_fn(state, vi, ir, lrs)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+    sec = float(np.median(times))
+    device_mb = device_peak_memory_mb()
+    return {"phase": phase, "batch": batch, "microbatches": cfg.microbatches, "size": size,
+            "dtype": dtype, **describe_platform(),
+            "first_step_s": round(first, 2), "seconds_per_step": round(sec, 3),
+            "steps_per_s": round(1 / sec, 4), "samples_per_s": round(batch / sec, 3),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_device_mb": None if device_mb is None else round(device_mb, 1),
+            "loss": float(metrics["loss"])}
+
+
+def precision_report(batch: int = 2, size: int = 128) -> list[dict]:
+    """bfloat16 compute (float32 master weights, statistics, losses) against float32: each
+    phase's loss terms and per-sub-model gradient norms on one synthetic batch, with their
+    relative deviation."""
+    import jax
+    import optax
+    from smfnet_jax.model import create_model
+    from train.configs import msrs
+    from train.step import make_value_and_grad, split_model
+
+    data = _synthetic_batch(batch, size)
+    graphdef, params, stats = split_model(create_model(0))
+    rows = []
+    for phase in (1, 2):
+        values = {}
+        for dtype in ("float32", "bfloat16"):
+            cfg = msrs.get_config()
+            cfg.compute_dtype = dtype
+            fn = jax.jit(make_value_and_grad(graphdef, phase, cfg))
+            (_, (terms, _)), grads = fn(params, stats, data["vi"], data["ir"])
+            values[dtype] = {**{k: float(v) for k, v in terms.items()},
+                             **{f"grad_norm/{s}": float(optax.global_norm(grads[s]))
+                                for s in SUBMODELS if phase == 2 or s not in ("base_fuse", "detail_fuse")}}
+        for name, ref in values["float32"].items():
+            low = values["bfloat16"][name]
+            rows.append({"phase": phase, "name": name, "float32": ref, "bfloat16": low,
+                         "rel_dev": abs(low - ref) / abs(ref) if ref else abs(low)})
+    return rows
+
+
+def format_precision(rows: list[dict]) -> str:
+    lines = [f"{'phase':>5} {'term':<26} {'float32':>12} {'bfloat16':>12} {'rel. dev.':>10}"]
+    lines += [f"{r['phase']:>5} {r['name']:<26} {r['float32']:>12.6g} {r['bfloat16']:>12.6g} "
+              f"{r['rel_dev']:>10.2e}" for r in rows]
+    return "\n".join(lines)
+
 
 def main(argv: list[str] | None = None) -> int:
+    from smfnet_jax.backend import IMPL_HELP
     from smfnet_jax.runtime import configure_xla_cpu
     configure_xla_cpu()  # memory-optimised XLA:CPU scheduler; must precede any JAX work
-    p = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__, epilog=IMPL_HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--phase", type=int, choices=(1, 2), default=2)
     p.add_argument("--batch", type=int, default=6, help="global batch size")
@@ -30,56 +121,29 @@ def main(argv: list[str] | None = None) -> int:
                    help="exact gradient over this many slices of each device's batch (less "
                         "memory); 0: auto (one sample per slice on CPU, 1 on GPU/TPU)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--precision", action="store_true",
+                   help="instead of timing: bfloat16 vs float32 loss terms and gradient norms of "
+                        "both phases on one synthetic batch (--batch, --size; e.g. --batch 2)")
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args(argv)
 
-    import jax
-    import numpy as np
-    from train.configs import msrs
-    from train.data import SyntheticPairs
-    from train.step import init_train_state, jit_train_step, learning_rates
-    from train.trainer import _global_batch, _replicate, make_mesh
-    from smfnet_jax.model import create_model
-
-    cfg = msrs.get_config()
-    cfg.compute_dtype = args.dtype
-    from train.step import resolve_microbatches
-    try:
-        cfg.microbatches = resolve_microbatches(args.microbatches, args.batch)
-    except ValueError as e:
-        p.error(str(e))
-    mesh = make_mesh()
-    graphdef, state = init_train_state(create_model(0), cfg)
-    state = _replicate(state, mesh)
-    step_fn = jit_train_step(graphdef, args.phase, cfg, mesh)
-    src = SyntheticPairs(args.batch, args.size, seed=0)
-    local = {k: np.stack([src[i][k] for i in range(args.batch)]) for k in ("vi", "ir")}
-    vi, ir = _global_batch(local, mesh)
-    lrs = {k: np.float32(v) for k, v in learning_rates(0 if args.phase == 1 else cfg.phase1_epochs, cfg).items()}
-
-    t0 = time.perf_counter()
-    state, metrics = step_fn(state, vi, ir, lrs)
-    jax.block_until_ready(metrics)
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        state, metrics = step_fn(state, vi, ir, lrs)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - t0)
-    sec = float(np.median(times))
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    out = {"phase": args.phase, "batch": args.batch, "microbatches": cfg.microbatches,
-           "size": args.size, "dtype": args.dtype,
-           "devices": jax.device_count(), "platform": jax.devices()[0].platform,
-           "first_step_s": round(first, 2), "seconds_per_step": round(sec, 3),
-           "steps_per_s": round(1 / sec, 4), "samples_per_s": round(args.batch / sec, 3),
-           "peak_rss_mb": round(peak_mb, 1), "loss": float(metrics["loss"])}
-    for k, v in out.items():
-        print(f"{k:>16}: {v}")
+    if args.precision:
+        rows = precision_report(args.batch, args.size)
+        print(format_precision(rows))
+        out = rows
+    else:
+        from train.step import resolve_microbatches
+        try:
+            resolve_microbatches(args.microbatches, args.batch)
+        except ValueError as e:
+            p.error(str(e))
+        out = measure_train_step(args.phase, args.batch, args.size, args.steps,
+                                 args.microbatches, args.dtype)
+        for k, v in out.items():
+            print(f"{k:>16}: {v}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        from smfnet_jax.fileio import atomic_write_json
+        atomic_write_json(args.json, out)
     return 0
 
 

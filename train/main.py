@@ -10,6 +10,9 @@ Compiled steps are cached on disk ($SMFNET_JAX_CACHE, default ~/.cache/smfnet_ja
 disables). absl's --verbosity=0 shows orbax's INFO logs (hidden by default).
 Multi-host: --config.distributed.coordinator_address=HOST:PORT
             --config.distributed.num_processes=N --config.distributed.process_id=I
+            (none on TPU VMs, where jax.distributed.initialize finds the pod by itself)
+Compute routines: $SMFNET_JAX_IMPL=auto|cpu|xla (default auto: the XLA:CPU-tuned routines
+and one-sample micro-batches on CPU, XLA's native convolutions and whole batches on GPU/TPU).
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from smfnet_jax import losses
+from smfnet_jax import backend, losses
 from smfnet_jax.layers import cast_floats
 from smfnet_jax.model import SUBMODELS, SMFNet
 from train.microbatch import make_microbatched_value_and_grad
@@ -99,9 +99,10 @@ def make_loss_fn(graphdef, phase: int, cfg) -> Callable:
 
 
 def resolve_microbatches(setting: int, global_batch: int) -> int:
-    """cfg.microbatches: >0 as given; 0 (auto): one sample per micro-batch on CPU, where it
-    is both faster (each slice's activations stay in cache) and several times smaller in
-    memory, and the whole batch on GPU/TPU, where small slices would idle the device.
+    """cfg.microbatches: >0 as given; 0 (auto): one sample per micro-batch with the XLA:CPU
+    routines (`backend.impl() == "cpu"`), where it is both faster (each slice's activations
+    stay in cache) and several times smaller in memory, and the whole batch with XLA's
+    ("xla", GPU/TPU), where small slices would idle the device.
     Raises ValueError unless the setting is 0 or divides the per-device batch."""
     per_device = global_batch // jax.device_count()
     if setting < 0 or (setting and per_device % setting):
@@ -109,7 +110,7 @@ def resolve_microbatches(setting: int, global_batch: int) -> int:
                          f"batch {per_device}")
     if setting:
         return setting
-    return max(1, per_device) if jax.default_backend() == "cpu" else 1
+    return max(1, per_device) if backend.impl() == "cpu" else 1
 
 
 def make_value_and_grad(graphdef, phase: int, cfg) -> Callable:

@@ -25,15 +25,19 @@ from smfnet_jax.model import create_model
 from train import step as train_step_lib
 
 
-
 class TrainingError(RuntimeError):
     """Training cannot go on (bad data, non-finite loss); the message says why."""
 
 
 # --------------------------------------------------------------------------- set-up helpers
 def init_distributed(cfg) -> None:
+    """Join a multi-process run: coordinator_address "HOST:PORT" with num_processes and
+    process_id, or "auto" to let JAX find them (TPU VMs, SLURM, Open MPI); "" runs alone."""
     d = cfg.distributed
     if not d.coordinator_address:
+        return
+    if d.coordinator_address == "auto":
+        jax.distributed.initialize()
         return
     if d.cpu_collectives and jax.config.jax_platforms in (None, "", "cpu"):
         jax.config.update("jax_cpu_collectives_implementation", d.cpu_collectives)

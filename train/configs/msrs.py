@@ -46,7 +46,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.progress = True
 
     c.distributed = ml_collections.ConfigDict()
-    c.distributed.coordinator_address = ""  # e.g. "10.0.0.1:1234"; empty: single process
+    c.distributed.coordinator_address = ""  # "10.0.0.1:1234"; "auto": found by JAX (TPU VMs,
+                                            # SLURM, Open MPI); empty: single process
     c.distributed.num_processes = 1
     c.distributed.process_id = 0
     c.distributed.cpu_collectives = "gloo"  # CPU multi-process collectives
