@@ -1,7 +1,7 @@
 """Fuse every image pair of two folders with SMFNet.
 
     python -m infer.main --ckpt (DIR|FILE.pth) --ir DIR --vi DIR --out DIR
-                         [--no-normalize] [--save-npy] [--evaluate]
+                         [--no-normalize] [--save-npy] [--evaluate] [--batch N]
 
 Pairs are matched by file stem (``01.png`` in --ir with ``01.jpg`` in --vi). The first image
 (infrared, MRI) is read as the reference's cv2 GRAY, the second (visible, PET, SPECT) as the

@@ -3,6 +3,7 @@
     from smfnet_jax.api import load_fuser
     fuser = load_fuser("models/model_VIF.pth")      # or a converted dir / training workdir
     fused = fuser(ir, vi)   # float32 HxW arrays in [0, 1] -> raw sigmoid output, HxW float32
+    fused = fuser(irs, vis) # or NxHxW stacks of same-size pairs -> NxHxW (one call for N pairs)
 
 The jitted function is compiled once per input shape and reused for every pair of that size;
 `load_fuser` also turns on the persistent compilation cache, so a new process reuses it.
