@@ -59,6 +59,14 @@ def _xla_conv(x: Array, kernel: Array, dilation: int, groups: int = 1, padding: 
         feature_group_count=groups)
 
 
+def _xla_conv_padded(x: Array, kernel: Array, dilation: int, padding: int, pad_mode: str,
+                     groups: int = 1) -> Array:
+    """XLA's convolution; zero padding inside it (no padded copy), reflection padded first."""
+    if pad_mode == "zeros":
+        return _xla_conv(x, kernel, dilation, groups, padding)
+    return _xla_conv(pad_hw(x, padding, pad_mode), kernel, dilation, groups)
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
 def conv_valid(x: Array, kernel: Array, dilation: int = 1) -> Array:
     """Dense stride-1 'valid' convolution with a hand-written backward pass.
@@ -113,15 +121,12 @@ def dense_conv(x: Array, kernel: Array, *, padding: int = 0, dilation: int = 1,
     forward speed; in eval mode (`deterministic`, no gradient expected) zero padding
     happens inside XLA's convolution, which saves the padded copy of the input.
     """
-    zeros = pad_mode == "zeros"
-    if backend.impl() == "xla":
-        return _xla_conv(x if zeros else pad_hw(x, padding, pad_mode), kernel, dilation,
-                         padding=padding if zeros else 0)
-    if kernel.shape[:2] == (1, 1) and not padding:
+    cpu = backend.impl() == "cpu"
+    if cpu and kernel.shape[:2] == (1, 1) and not padding:
         return jnp.einsum("nhwc,cd->nhwd", x, kernel[0, 0])
-    if deterministic and zeros:
-        return _xla_conv(x, kernel, dilation, padding=padding)
-    return conv_valid(pad_hw(x, padding, pad_mode), kernel, dilation)
+    if cpu and not deterministic:
+        return conv_valid(pad_hw(x, padding, pad_mode), kernel, dilation)
+    return _xla_conv_padded(x, kernel, dilation, padding, pad_mode)
 
 
 class Conv2d(nnx.Module):
@@ -176,11 +181,9 @@ class Conv2d(nnx.Module):
             # shifted multiply-adds: XLA:CPU's grouped conv is 3-7x slower
             y = depthwise_valid(pad_hw(parts[0], self.padding, self.pad_mode), kernel[:, :, 0, :],
                                 self.dilation)
-        else:  # XLA's grouped conv, zero padding inside it
-            zeros = self.pad_mode == "zeros"
-            y = _xla_conv(parts[0] if zeros else pad_hw(parts[0], self.padding, self.pad_mode),
-                          kernel, self.dilation, kernel.shape[3] if depthwise else self.groups,
-                          padding=self.padding if zeros else 0)
+        else:
+            y = _xla_conv_padded(parts[0], kernel, self.dilation, self.padding, self.pad_mode,
+                                 kernel.shape[3] if depthwise else self.groups)
         if bias is not None:
             y = y + bias.astype(y.dtype)
         return y
