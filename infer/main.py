@@ -101,8 +101,8 @@ class LoadedPair:
     grey: bool             # the second image is grey
 
 
-def load_pair(pair: Pair):
-    """-> (ir in [0,1] HxW, vi Y in [0,1] HxW, vi YCrCb 0..255 HxWx3, second image is grey)."""
+def load_pair(pair: Pair) -> LoadedPair:
+    """Read both images of a pair as the reference does; PairError says why not."""
     try:
         ir_raw = read_image(pair.ir)
         vi_raw = read_image(pair.vi)
@@ -115,7 +115,7 @@ def load_pair(pair: Pair):
     ir = rgb_to_gray(ir_raw) / np.float32(255.0)
     vi_ycrcb = rgb_to_ycrcb(vi_raw)
     vi = vi_ycrcb[..., 0] / np.float32(255.0)
-    return ir, vi, vi_ycrcb, is_grey(vi_raw)
+    return LoadedPair(pair, ir, vi, vi_ycrcb, is_grey(vi_raw))
 
 
 def postprocess(fused: np.ndarray, normalize: bool) -> np.ndarray:
@@ -187,7 +187,7 @@ def same_size_batches(pairs: Iterable[Pair], size: int, failed: Callable[[Pair, 
     batch: list[LoadedPair] = []
     for pair in pairs:
         try:
-            loaded = LoadedPair(pair, *load_pair(pair))
+            loaded = load_pair(pair)
         except PairError as e:
             failed(pair, e)
             continue

@@ -18,9 +18,6 @@ import resource
 import sys
 import time
 
-SUBMODELS = ("encoder", "decoder", "graph", "base_fuse", "detail_fuse")
-
-
 def _synthetic_batch(batch: int, size: int):
     import numpy as np
     from train.data import SyntheticPairs
@@ -78,7 +75,7 @@ def precision_report(batch: int = 2, size: int = 128) -> list[dict]:
     import optax
     from smfnet_jax.model import create_model
     from train.configs import msrs
-    from train.step import make_value_and_grad, split_model
+    from train.step import make_value_and_grad, split_model, submodels_for
 
     data = _synthetic_batch(batch, size)
     graphdef, params, stats = split_model(create_model(0))
@@ -92,7 +89,7 @@ def precision_report(batch: int = 2, size: int = 128) -> list[dict]:
             (_, (terms, _)), grads = fn(params, stats, data["vi"], data["ir"])
             values[dtype] = {**{k: float(v) for k, v in terms.items()},
                              **{f"grad_norm/{s}": float(optax.global_norm(grads[s]))
-                                for s in SUBMODELS if phase == 2 or s not in ("base_fuse", "detail_fuse")}}
+                                for s in submodels_for(phase)}}
         for name, ref in values["float32"].items():
             low = values["bfloat16"][name]
             rows.append({"phase": phase, "name": name, "float32": ref, "bfloat16": low,
