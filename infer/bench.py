@@ -230,7 +230,7 @@ def main(argv=None) -> int:
     from tqdm import tqdm
     results = {}
     failed = False
-    for h, w in tqdm(args.sizes, desc="sizes", unit="size"):
+    for h, w in tqdm(args.sizes, desc="sizes", unit="size", disable=None):  # bar on a tty only
         size = f"{h}x{w}"
         proc = subprocess.run(_worker_argv(args, size), capture_output=True, text=True,
                               cwd=Path(__file__).resolve().parent.parent)

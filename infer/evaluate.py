@@ -1,6 +1,7 @@
 """Evaluate fused images with the image-fusion literature's metrics.
 
     python -m infer.evaluate --ir DIR --vi DIR --fused DIR [--ssim-range 255|2] [--json OUT]
+                             [--scale16 high|range]
 
 Images are paired by file stem across the three folders (`smfnet_jax.imageio.match_by_stem`,
 the rule fusion and patch preparation use too), read as
@@ -10,7 +11,8 @@ mean row, columns in the papers' order (EN SD SF AG MI SCD VIF Qabf SSIM MSE CC 
 ``--json`` writes ``{stem: {metric: value}, "mean": {metric: value}}`` (non-finite
 values as null). A missing partner, an ambiguous stem, an unreadable file or images of
 different sizes are named on stderr and skipped; the others are still evaluated and the
-exit status is then 1.
+exit status is then 1. A --json that cannot be written (a folder, a missing or read-only
+folder) is a usage error found before any work (exit status 2).
 
 ``evaluate_folders`` and ``format_table`` are reused by ``python -m infer.main --evaluate``.
 """
@@ -25,9 +27,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from smfnet_jax.fileio import atomic_write_json
 from tqdm import tqdm
 
+from infer.common import add_scale16_argument, json_out_problem, plain_warnings
+from smfnet_jax.fileio import atomic_write_json
 from smfnet_jax.imageio import IMAGE_EXTENSIONS, match_by_stem, natural_key, read_gray
 from smfnet_jax.metrics import METRIC_NAMES, evaluate_pair
 
@@ -66,13 +69,14 @@ def _match_triplets(ir_dir, vi_dir, fused_dir):
 
 
 def evaluate_triplet(ir_path: Path, vi_path: Path, fused_path: Path,
-                     ssim_range: float = 255.0) -> Dict[str, float]:
+                     ssim_range: float = 255.0, scale16: str = "high") -> Dict[str, float]:
     """Read the three files as cv2 GRAY and return the twelve metrics.
 
+    scale16: how 16-bit sources become 8-bit (`smfnet_jax.imageio.reduce16`).
     Raises ValueError (ImageReadError included) with a message naming the file(s).
     """
-    ir = read_gray(ir_path)
-    vi = read_gray(vi_path)
+    ir = read_gray(ir_path, scale16)
+    vi = read_gray(vi_path, scale16)
     fused = read_gray(fused_path)
     if not ir.shape == vi.shape == fused.shape:
         size = lambda a: f"{a.shape[1]}x{a.shape[0]}"  # noqa: E731
@@ -85,7 +89,7 @@ def evaluate_triplet(ir_path: Path, vi_path: Path, fused_path: Path,
 
 
 def evaluate_folders(ir_dir, vi_dir, fused_dir, ssim_range: float = 255.0, workers: int = 2,
-                     progress: bool = True) -> Tuple[Results, List[str]]:
+                     progress: bool = True, scale16: str = "high") -> Tuple[Results, List[str]]:
     """Evaluate every stem present in the three folders.
 
     Returns ``(results, errors)``: results maps stem -> {metric: value} in natural stem
@@ -102,7 +106,7 @@ def evaluate_folders(ir_dir, vi_dir, fused_dir, ssim_range: float = 255.0, worke
     def job(t):
         stem, ir_p, vi_p, fu_p = t
         try:
-            return stem, evaluate_triplet(ir_p, vi_p, fu_p, ssim_range), None
+            return stem, evaluate_triplet(ir_p, vi_p, fu_p, ssim_range, scale16), None
         except ValueError as e:  # ImageReadError, size mismatch, image too small
             return stem, None, str(e)
 
@@ -193,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the per-image and mean values to this JSON file")
     p.add_argument("--workers", type=int, default=2,
                    help="pairs evaluated at once in threads (default: 2)")
+    add_scale16_argument(p)
     return p
 
 
@@ -204,19 +209,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not folder.is_dir():
             print(f"error: --{flag} {folder}: not a folder", file=sys.stderr)
             return EXIT_USAGE
-    if args.json is not None and not args.json.parent.is_dir():
-        print(f"error: --json {args.json}: folder {args.json.parent} does not exist", file=sys.stderr)
+    problem = args.json is not None and json_out_problem(args.json)
+    if problem:  # before any work: a bad --json must not cost a whole evaluation
+        print(f"error: {problem}", file=sys.stderr)
         return EXIT_USAGE
     if args.workers < 1:
         print(f"error: --workers must be >= 1, got {args.workers}", file=sys.stderr)
         return EXIT_USAGE
 
-    results, errors = evaluate_folders(args.ir, args.vi, args.fused, args.ssim_range,
-                                       workers=args.workers)
+    with plain_warnings():
+        results, errors = evaluate_folders(args.ir, args.vi, args.fused, args.ssim_range,
+                                           workers=args.workers, scale16=args.scale16)
     if results:
         print(format_table(results))
     if args.json is not None:
-        write_json_atomic(args.json, results_to_json(results))
+        try:
+            write_json_atomic(args.json, results_to_json(results))
+        except OSError as e:  # e.g. the folder went away during the evaluation
+            print(f"error: cannot write --json {args.json}: {e}", file=sys.stderr)
+            return EXIT_SOME_FAILED
         print(f"wrote {args.json}", file=sys.stderr)
     if errors:
         print(f"{len(errors)} skipped:", file=sys.stderr)

@@ -1,7 +1,8 @@
 """Fuse every image pair of two folders with SMFNet.
 
     python -m infer.main --ckpt (DIR|FILE.pth) --ir DIR --vi DIR --out DIR
-                         [--no-normalize] [--save-npy] [--evaluate] [--batch N]
+                         [--no-normalize] [--save-npy] [--grid] [--evaluate [--json OUT]]
+                         [--batch N] [--tile SIZE] [--scale16 high|range]
 
 Pairs are matched by file stem (``01.png`` in --ir with ``01.jpg`` in --vi). The first image
 (infrared, MRI) is read as the reference's cv2 GRAY, the second (visible, PET, SPECT) as the
@@ -13,11 +14,24 @@ if it is grey (one channel, or three equal channels as in TNO) the result is a g
 
 A pair that cannot be fused (unreadable or corrupt file, different sizes, a file with no
 partner, ...) is reported by name with the reason and nothing is written for it; the other
-pairs are still fused and the run ends with a summary and exit status 1.
+pairs are still fused and the run ends with a summary and exit status 1. A pair's outputs
+(NAME.png, NAME.npy, NAME_grid.png) appear together or not at all, and a failure never
+removes a file an earlier run wrote. Usage problems (missing folder, unwritable --out or
+--json, ...) are found before the model loads: one line, exit status 2.
+
+Memory: before a pair is decoded, its size (from the file header) is checked against the
+memory available (free device memory, or available RAM on CPU; see
+smfnet_jax.inference.plan_tile). A pair too large to fuse whole is fused in tiles, with a
+notice; one too large even for tiles is reported and skipped.
+
+Progress: a bar on a terminal; otherwise (a log file, CI) a plain line after the first pair
+and then at most every PLAIN_PROGRESS_S seconds. Failures and the summary are always printed.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import secrets
 import sys
 import time
 from dataclasses import dataclass
@@ -27,11 +41,13 @@ from typing import Callable, Iterable
 import numpy as np
 from tqdm import tqdm
 
+from infer.common import add_scale16_argument, json_out_problem, plain_warnings, writable_folder_problem
 from smfnet_jax.backend import IMPL_HELP
 from smfnet_jax.imageio import (
     IMAGE_EXTENSIONS,
     ImageReadError,
     float_to_uint8,
+    image_size,
     is_grey,
     match_by_stem,
     read_image,
@@ -46,6 +62,11 @@ EXIT_OK = 0
 EXIT_SOME_FAILED = 1
 EXIT_USAGE = 2
 
+# Without a terminal (no progress bar): a plain progress line at most this often.
+PLAIN_PROGRESS_S = 30.0
+# Tile sizes tried, largest first, for a pair too large to fuse whole.
+AUTO_TILES = (512, 256, 128)
+
 
 def load_fuser(ckpt, **kwargs):
     """Load the model (seam for tests: they replace this with a tiny numpy fuser).
@@ -55,6 +76,33 @@ def load_fuser(ckpt, **kwargs):
     from smfnet_jax.api import load_fuser as _load_fuser
 
     return _load_fuser(ckpt, **kwargs)
+
+
+def available_memory() -> int | None:
+    """Bytes a fusion may use now (seam for tests, which pretend to have little memory)."""
+    from smfnet_jax.inference import available_bytes
+
+    return available_bytes()
+
+
+def describe_run(ckpt: Path, dtype: str) -> str:
+    """The first line of a run: device, dtype and checkpoint (path, kind, step)."""
+    import jax
+
+    from smfnet_jax.checkpoint import TRAIN_CHECKPOINT_SUBDIR
+
+    dev = jax.devices()[0]
+    if ckpt.is_file():
+        kind = f"{ckpt.suffix or 'weights'} file"
+    else:
+        steps_dir = ckpt / TRAIN_CHECKPOINT_SUBDIR
+        kind = "training workdir" if steps_dir.is_dir() else "orbax folder"
+        steps_dir = steps_dir if steps_dir.is_dir() else ckpt
+        steps = [int(p.name) for p in steps_dir.iterdir() if p.name.isdigit()]
+        if steps:  # the step load_checkpoint restores: the latest
+            kind += f", step {max(steps)}"
+    return (f"device {dev.platform} ({dev.device_kind}), {len(jax.devices())} visible; dtype {dtype}; "
+            f"checkpoint {ckpt} ({kind})")
 
 
 def tiled(fuser: Callable, tile: int, overlap: int) -> Callable:
@@ -99,23 +147,61 @@ class LoadedPair:
     vi: np.ndarray         # Y in [0, 1] HxW
     vi_ycrcb: np.ndarray   # 0..255 HxWx3
     grey: bool             # the second image is grey
+    tile: int = 0          # fuse in tile x tile tiles (0: whole)
 
 
-def load_pair(pair: Pair) -> LoadedPair:
-    """Read both images of a pair as the reference does; PairError says why not."""
+def load_pair(pair: Pair, scale16: str = "high",
+              plan: Callable[[int, int], int] | None = None) -> LoadedPair:
+    """Read both images of a pair as the reference does; PairError says why not.
+
+    plan(height, width) -> tile size (0: whole) is asked with the size from the files'
+    headers, before any pixel is decoded; it raises PairError for a pair that cannot fit.
+    """
     try:
-        ir_raw = read_image(pair.ir)
-        vi_raw = read_image(pair.vi)
+        ir_size, vi_size = image_size(pair.ir), image_size(pair.vi)
     except ImageReadError as e:
         raise PairError(str(e)) from e
-    if ir_raw.shape[:2] != vi_raw.shape[:2]:
+    if ir_size != vi_size:
+        raise PairError(f"sizes differ: {pair.ir} is {ir_size[0]}x{ir_size[1]}, "
+                        f"{pair.vi} is {vi_size[0]}x{vi_size[1]} (WxH)")
+    tile = plan(ir_size[1], ir_size[0]) if plan else 0
+    try:
+        ir_raw = read_image(pair.ir, scale16)
+        vi_raw = read_image(pair.vi, scale16)
+    except ImageReadError as e:
+        raise PairError(str(e)) from e
+    if ir_raw.shape[:2] != vi_raw.shape[:2]:  # the headers agreed: a file changed meanwhile
         raise PairError(f"sizes differ: {pair.ir} is {ir_raw.shape[1]}x{ir_raw.shape[0]}, "
                         f"{pair.vi} is {vi_raw.shape[1]}x{vi_raw.shape[0]} (WxH)")
     # As the reference: GRAY (rounded) for the first image, unrounded Y for the second.
     ir = rgb_to_gray(ir_raw) / np.float32(255.0)
     vi_ycrcb = rgb_to_ycrcb(vi_raw)
     vi = vi_ycrcb[..., 0] / np.float32(255.0)
-    return LoadedPair(pair, ir, vi, vi_ycrcb, is_grey(vi_raw))
+    return LoadedPair(pair, ir, vi, vi_ycrcb, is_grey(vi_raw), tile)
+
+
+def memory_plan(available: int | None, tile: int, dtype: str, report: Callable[[str], None]):
+    """plan(height, width) for load_pair: the tile size a pair needs in `available` bytes.
+
+    tile: the user's --tile (0: whole images where they fit, else AUTO_TILES with a notice
+    through `report`). Raises PairError, naming --tile, for a pair that fits in no way."""
+    from smfnet_jax.inference import forward_bytes, plan_tile
+
+    def plan(height: int, width: int) -> int:
+        try:
+            chosen = plan_tile(height, width, available, dtype, sizes=(tile,) if tile else AUTO_TILES)
+        except MemoryError as e:
+            hint = "try a smaller --tile" if tile else "too large even in tiles"
+            raise PairError(f"not enough memory: {e} ({hint})") from e
+        if tile:
+            return tile
+        if chosen:
+            gb = 2**30
+            report(f"{width}x{height} needs about {forward_bytes(height, width, 1, dtype) / gb:.1f} GB "
+                   f"whole, {available / gb:.1f} GB available: fusing in {chosen}-pixel tiles "
+                   "(slightly different from whole-image fusion; --tile SIZE sets the tiles)")
+        return chosen
+    return plan
 
 
 def postprocess(fused: np.ndarray, normalize: bool) -> np.ndarray:
@@ -139,11 +225,14 @@ def render(fused255: np.ndarray, vi_ycrcb: np.ndarray, grey: bool) -> np.ndarray
     return ycrcb_to_rgb(np.stack([fused255, vi_ycrcb[..., 1], vi_ycrcb[..., 2]], axis=-1))
 
 
-def fuse_batch(fuser: Callable, batch: list[LoadedPair]) -> list[np.ndarray | PairError]:
-    """Fuse same-size loaded pairs in one call (one pair: `fuser(ir, vi)` on HxW arrays; more:
-    on NxHxW stacks). Returns per pair its HxW float32 output or the PairError saying why not."""
+def fuse_batch(fuser: Callable, batch: list[LoadedPair], overlap: int = 32) -> list[np.ndarray | PairError]:
+    """Fuse same-size loaded pairs in one call (one pair: `fuser(ir, vi)` on HxW arrays, or
+    tile by tile when it has a tile size; more: on NxHxW stacks). Returns per pair its HxW
+    float32 output or the PairError saying why not."""
     try:
-        if len(batch) == 1:
+        if len(batch) == 1 and batch[0].tile:
+            outputs = [tiled(fuser, batch[0].tile, overlap)(batch[0].ir, batch[0].vi)]
+        elif len(batch) == 1:
             outputs = [fuser(batch[0].ir, batch[0].vi)]
         else:
             outputs = list(fuser(np.stack([b.ir for b in batch]), np.stack([b.vi for b in batch])))
@@ -161,37 +250,74 @@ def fuse_batch(fuser: Callable, batch: list[LoadedPair]) -> list[np.ndarray | Pa
     return results
 
 
+def grid_image(loaded: LoadedPair, output: np.ndarray) -> np.ndarray:
+    """infrared | visible | fused side by side, each labelled above, 4-pixel gaps (uint8;
+    grey when all three are grey, else RGB). Labels use PIL's default font."""
+    from PIL import Image, ImageDraw
+
+    ir = float_to_uint8(loaded.ir * np.float32(255.0))
+    vi = (float_to_uint8(loaded.vi_ycrcb[..., 0]) if loaded.grey
+          else ycrcb_to_rgb(loaded.vi_ycrcb))
+    panels = [("infrared", ir), ("visible", vi), ("fused", output)]
+    colour = any(p.ndim == 3 for _, p in panels)
+    gap, label_h = 4, 14
+    h, w = ir.shape
+    canvas = Image.new("RGB" if colour else "L", (3 * w + 2 * gap, h + label_h),
+                       (255, 255, 255) if colour else 255)
+    draw = ImageDraw.Draw(canvas)
+    for i, (label, panel) in enumerate(panels):
+        x = i * (w + gap)
+        if colour and panel.ndim == 2:
+            panel = np.repeat(panel[..., None], 3, axis=-1)
+        canvas.paste(Image.fromarray(panel), (x, label_h))
+        draw.text((x + 2, 1), label, fill=(0, 0, 0) if colour else 0)  # PIL's default font
+    return np.asarray(canvas)
+
+
 def write_outputs(loaded: LoadedPair, fused: np.ndarray, out_dir: Path, normalize: bool,
-                  save_npy: bool) -> list[Path]:
-    """Write one pair's outputs; raises PairError with nothing left on disk."""
+                  save_npy: bool, grid: bool = False) -> list[Path]:
+    """Write one pair's outputs, all or nothing; raises PairError with none of them written.
+
+    Each file is first written (atomically) under a temporary name; only when all are
+    complete are they renamed to their final names. So a failure removes only this run's
+    temporary files and never an output an earlier run left in `out_dir`."""
     image = render(postprocess(fused, normalize), loaded.vi_ycrcb, loaded.grey)
     name = loaded.pair.name
     targets = [(out_dir / f"{name}.png", lambda p: write_png(p, image))]
     if save_npy:
         targets.append((out_dir / f"{name}.npy", lambda p: write_npy(p, fused)))
-    written = []
+    if grid:
+        targets.append((out_dir / f"{name}_grid.png", lambda p: write_png(p, grid_image(loaded, image))))
+    token = secrets.token_hex(4)
+    staged: list[tuple[Path, Path]] = []
     try:
         for path, write in targets:
-            write(path)  # atomic: temp file in out_dir + os.replace
-            written.append(path)
+            temp = path.with_name(f".{path.name}.{token}.pending")
+            staged.append((temp, path))
+            write(temp)
+        for temp, path in staged:
+            os.replace(temp, path)  # same folder: renames do not fail for want of space
     except OSError as e:
-        for path in written:  # all or nothing for this pair
-            path.unlink(missing_ok=True)
+        for temp, _ in staged:
+            temp.unlink(missing_ok=True)
         raise PairError(f"cannot write output: {e}") from e
-    return written
+    return [path for _, path in staged]
 
 
-def same_size_batches(pairs: Iterable[Pair], size: int, failed: Callable[[Pair, PairError], None]):
-    """Load `pairs` in order and yield lists of up to `size` consecutive loaded pairs of one
-    image size; a pair that cannot be loaded goes to `failed` and is left out."""
+def same_size_batches(pairs: Iterable[Pair], size: int, failed: Callable[[Pair, PairError], None],
+                      load: Callable[[Pair], LoadedPair] = load_pair):
+    """Load `pairs` in order (with `load`) and yield lists of up to `size` consecutive loaded
+    pairs of one image size; a pair to be tiled comes alone; a pair that cannot be loaded
+    goes to `failed` and is left out."""
     batch: list[LoadedPair] = []
     for pair in pairs:
         try:
-            loaded = load_pair(pair)
+            loaded = load(pair)
         except PairError as e:
             failed(pair, e)
             continue
-        if batch and (len(batch) == size or batch[0].ir.shape != loaded.ir.shape):
+        if batch and (len(batch) == size or batch[0].ir.shape != loaded.ir.shape
+                      or batch[0].tile or loaded.tile):
             yield batch
             batch = []
         batch.append(loaded)
@@ -222,13 +348,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the raw sigmoid output * 255 instead of min-max normalising it first")
     p.add_argument("--save-npy", action="store_true",
                    help="also write NAME.npy: the raw sigmoid output (float32, HxW, before normalisation)")
+    p.add_argument("--grid", action="store_true",
+                   help="also write NAME_grid.png: infrared | visible | fused side by side, labelled")
     p.add_argument("--evaluate", action="store_true",
                    help="after fusing, compute the fusion metrics on the outputs and print a table")
+    p.add_argument("--json", type=Path, metavar="OUT",
+                   help="write the metrics to this JSON file, the format of infer.evaluate --json "
+                        "(implies --evaluate; checked before anything is fused)")
     p.add_argument("--ssim-range", type=float, default=255.0,
                    help="data range given to SSIM by --evaluate (default: 255, as the reference)")
     p.add_argument("--tile", type=int, default=0, metavar="SIZE",
-                   help="fuse in overlapping SIZE x SIZE tiles (images larger than memory allows; "
-                        "changes the result slightly, see the README); default: whole images")
+                   help="fuse in overlapping SIZE x SIZE tiles (bounded memory; changes the result "
+                        "slightly, see the README); default: whole images, and tiles (with a notice) "
+                        "only for a pair estimated not to fit in the memory available")
     p.add_argument("--overlap", type=int, default=32, metavar="PX",
                    help="minimum overlap of neighbouring tiles with --tile (default: 32)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
@@ -237,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fuse up to N consecutive same-size pairs in one call (e.g. the 640x480 "
                         "MSRS frames; pays on GPU/TPU); outputs equal N=1 up to float rounding. "
                         "With --tile pairs are fused one by one (default: 1)")
+    add_scale16_argument(p)
     return p
 
 
@@ -257,7 +390,12 @@ def check_folders(args) -> str | None:
         return f"--tile {args.tile} --overlap {args.overlap}: need tile >= 16 and 0 <= overlap < tile/2"
     if args.batch < 1:
         return f"--batch {args.batch}: must be at least 1"
-    return None
+    if args.json is not None:
+        problem = json_out_problem(args.json)
+        if problem:
+            return problem
+    # Last, so that a usage error above creates nothing; before the model loads.
+    return writable_folder_problem(args.out, "--out", create=True)
 
 
 def run(args, fuser: Callable | None = None) -> int:
@@ -265,48 +403,70 @@ def run(args, fuser: Callable | None = None) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return EXIT_USAGE
+    args.evaluate = args.evaluate or args.json is not None
     pairs, failures = find_pairs(args.ir, args.vi)
-    for f in failures:
-        print(f"skipped {f.name}: {f.reason}", file=sys.stderr)
     if not pairs and not failures:
         print(f"error: no images ({', '.join(IMAGE_EXTENSIONS)}) in {args.ir} or {args.vi}",
               file=sys.stderr)
         return EXIT_SOME_FAILED
-    args.out.mkdir(parents=True, exist_ok=True)
+    if pairs:
+        print(describe_run(args.ckpt, args.dtype), file=sys.stderr)
+    for f in failures:
+        print(f"skipped {f.name}: {f.reason}", file=sys.stderr)
 
     if pairs and fuser is None:
         t0 = time.perf_counter()
         fuser = load_fuser(args.ckpt) if args.dtype == "float32" else load_fuser(args.ckpt, dtype=args.dtype)
         print(f"loaded {args.ckpt} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    if pairs and args.tile:
-        fuser = tiled(fuser, args.tile, args.overlap)
 
     fused_names, times = [], []
-    bar = tqdm(total=len(pairs), desc="fusing", unit="pair", file=sys.stderr, dynamic_ncols=True)
+    # disable=None: a bar only on a terminal; elsewhere plain lines (below)
+    bar = tqdm(total=len(pairs), desc="fusing", unit="pair", file=sys.stderr, dynamic_ncols=True,
+               disable=None)
+    say = lambda text: tqdm.write(text, file=sys.stderr)  # noqa: E731  (above the bar)
+    plan = memory_plan(available_memory() if pairs else None, args.tile, args.dtype,
+                       lambda text: say(f"notice: {text}"))
+    progress = {"done": 0, "last_line": -float("inf")}  # a disabled bar counts nothing
+    start = time.perf_counter()
+
+    def advance(name: str) -> None:
+        bar.update(1)
+        progress["done"] += 1
+        now = time.perf_counter()
+        if bar.disable and (now - progress["last_line"] >= PLAIN_PROGRESS_S
+                            or progress["done"] == len(pairs)):
+            progress["last_line"] = now
+            print(f"fusing: {progress['done']}/{len(pairs)} pairs ({now - start:.0f} s), last {name}",
+                  file=sys.stderr, flush=True)
 
     def failed(pair: Pair, e: PairError) -> None:
         failures.append(Failure(pair.name, str(e)))
-        tqdm.write(f"failed {pair.name}: {e}", file=sys.stderr)
-        bar.update(1)
+        say(f"failed {pair.name}: {e}")
+        advance(pair.name)
+
+    def load(pair: Pair) -> LoadedPair:
+        return load_pair(pair, args.scale16, plan)
 
     t0 = time.perf_counter()
-    for batch in same_size_batches(pairs, 1 if args.tile else args.batch, failed):
-        done = 0
-        for loaded, fused in zip(batch, fuse_batch(fuser, batch)):
-            try:
-                if isinstance(fused, PairError):
-                    raise fused
-                write_outputs(loaded, fused, args.out, not args.no_normalize, args.save_npy)
-            except PairError as e:
-                failed(loaded.pair, e)
-                continue
-            fused_names.append(loaded.pair.name)
-            done += 1
-            bar.update(1)
-        dt = (time.perf_counter() - t0) / len(batch)  # loading, fusion and writing, per pair
-        times += [dt] * done
-        bar.set_postfix_str(f"{batch[-1].pair.name}: {dt:.2f} s/pair")
-        t0 = time.perf_counter()
+    with plain_warnings():
+        for batch in same_size_batches(pairs, 1 if args.tile else args.batch, failed, load):
+            done = 0
+            for loaded, fused in zip(batch, fuse_batch(fuser, batch, args.overlap)):
+                try:
+                    if isinstance(fused, PairError):
+                        raise fused
+                    write_outputs(loaded, fused, args.out, not args.no_normalize, args.save_npy,
+                                  args.grid)
+                except PairError as e:
+                    failed(loaded.pair, e)
+                    continue
+                fused_names.append(loaded.pair.name)
+                done += 1
+                advance(loaded.pair.name)
+            dt = (time.perf_counter() - t0) / len(batch)  # loading, fusion and writing, per pair
+            times += [dt] * done
+            bar.set_postfix_str(f"{batch[-1].pair.name}: {dt:.2f} s/pair")
+            t0 = time.perf_counter()
     bar.close()
 
     total = len({p.name for p in pairs} | {f.name for f in failures})
@@ -315,10 +475,20 @@ def run(args, fuser: Callable | None = None) -> int:
     if args.evaluate and fused_names:
         from infer.evaluate import evaluate_folders, format_table  # lazy: only when asked
 
-        results, errors = evaluate_folders(args.ir, args.vi, args.out, args.ssim_range)
+        with plain_warnings():
+            results, errors = evaluate_folders(args.ir, args.vi, args.out, args.ssim_range,
+                                               scale16=args.scale16)
         print(format_table(results))
         for err in errors or ():
             print(f"evaluation: {err}", file=sys.stderr)
+        if args.json is not None:
+            from infer.evaluate import results_to_json, write_json_atomic  # the one JSON format
+            try:
+                write_json_atomic(args.json, results_to_json(results))
+            except OSError as e:
+                print(f"error: cannot write --json {args.json}: {e}", file=sys.stderr)
+                return EXIT_SOME_FAILED
+            print(f"wrote {args.json}", file=sys.stderr)
         if errors:
             return EXIT_SOME_FAILED
     return EXIT_SOME_FAILED if failures else EXIT_OK

@@ -23,12 +23,19 @@ float images live in [0, 1]), so the reference's Cr/Cb sit around 0.5 for 0..255
 The offset cancels in the reference's round trip (it converts back with the same
 convention), so here Cr/Cb use the usual offset 128 and :func:`ycrcb_to_rgb` removes 128.
 
+16-bit files: OpenCV (and so the reference) keeps only the high byte of each sample. That is
+the default here too, so outputs match the reference; a 16-bit image whose high byte leaves
+fewer than :data:`FEW_LEVELS` grey levels (a 12-bit thermal camera's range falls to 16)
+raises a :class:`HighByteWarning` once per file, and ``scale16="range"`` scales such an
+image by its own min..max to 0..255 instead.
+
 Writing follows ``cv2.imwrite`` of a float image: values are rounded half to even,
 saturated to 0..255 and NaN becomes 0 (see :func:`float_to_uint8`).
 """
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +45,11 @@ from smfnet_jax.fileio import atomic_write
 
 __all__ = [
     "ImageReadError",
+    "HighByteWarning",
+    "SCALE16_MODES",
     "read_image",
+    "image_size",
+    "reduce16",
     "to_rgb8",
     "is_grey",
     "rgb_to_gray",
@@ -77,9 +88,73 @@ class ImageReadError(ValueError):
         super().__init__(f"cannot read image {self.path}: {reason}")
 
 
+# How 16-bit samples become 8-bit: "high" keeps the high byte (OpenCV), "range" stretches the
+# image's own min..max to 0..255.
+SCALE16_MODES = ("high", "range")
+# Fewer grey levels than this in a 16-bit image's high byte earns a HighByteWarning.
+FEW_LEVELS = 64
+
+
+class HighByteWarning(UserWarning):
+    """A 16-bit image keeps few grey levels in its high byte (consider scale16="range")."""
+
+
+_warned_16bit: set[str] = set()  # files already warned about (once per file per process)
+
+
 # ----------------------------------------------------------------------------- reading
 
-def read_image(path) -> np.ndarray:
+def image_size(path) -> tuple[int, int]:
+    """(width, height) of an image file as :func:`read_image` would return it (EXIF
+    orientation applied), read from its header without decoding the pixels: a huge image
+    can be refused before it takes any memory. Raises :class:`ImageReadError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(path, "no such file" if not path.exists() else "not a regular file")
+    try:
+        with Image.open(path) as im:  # lazy: reads the header only
+            w, h = im.size
+            orientation = im.getexif().get(0x0112, 1)
+    except Image.DecompressionBombError as e:
+        raise ImageReadError(path, f"image too large ({e})") from e
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageReadError(path, f"not a readable image ({type(e).__name__}: {e})") from e
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)  # 5-8 transpose the image
+
+
+def reduce16(image: np.ndarray, scale16: str = "high", path=None) -> np.ndarray:
+    """A uint16 image as uint8; other images are returned unchanged.
+
+    scale16="high": the high byte (``>> 8``), as OpenCV; warns (:class:`HighByteWarning`,
+    once per `path`) when that leaves fewer than :data:`FEW_LEVELS` grey levels.
+    scale16="range": ``round((x - min) / (max - min) * 255)``; a constant image keeps its
+    high byte (there is no range to stretch).
+    """
+    if scale16 not in SCALE16_MODES:
+        raise ValueError(f"scale16 must be one of {SCALE16_MODES}, got {scale16!r}")
+    image = np.asarray(image)
+    if image.dtype != np.uint16:
+        return image
+    high = (image >> 8).astype(np.uint8)
+    if scale16 == "range":
+        lo, hi = int(image.min()), int(image.max())
+        if hi > lo:
+            scaled = (image.astype(np.float32) - lo) * np.float32(255.0 / (hi - lo))
+            return np.rint(scaled).astype(np.uint8)
+        return high
+    levels = int(np.count_nonzero(np.bincount(high.ravel(), minlength=256)))
+    key = str(path)
+    if levels < FEW_LEVELS and key not in _warned_16bit:
+        _warned_16bit.add(key)
+        lo, hi = int(image.min()), int(image.max())
+        warnings.warn(HighByteWarning(
+            f"{path}: 16-bit image with values {lo}..{hi}; its high byte (what OpenCV keeps, "
+            f"the default) leaves only {levels} grey levels; scale by its own range instead "
+            "with --scale16 range (imageio: scale16='range')"), stacklevel=2)
+    return high
+
+
+def read_image(path, scale16: str | None = None) -> np.ndarray:
     """Decode an image file into its pixels.
 
     Returns HxW (grey) or HxWx3 (RGB order) with dtype uint8, or uint16 for 16-bit grey
@@ -88,6 +163,8 @@ def read_image(path) -> np.ndarray:
     16-bit colour files arrive as uint8 holding the high byte of each sample: that is how
     pillow decodes them, and how OpenCV reads 16-bit colour PNGs. Only the first frame of
     a multi-frame file is read. Any failure raises :class:`ImageReadError` naming the file.
+    scale16: None returns 16-bit grey as uint16; "high" or "range" returns uint8 made by
+    :func:`reduce16` (which warns when "high" leaves few grey levels).
     """
     path = Path(path)
     if not path.exists():
@@ -98,7 +175,7 @@ def read_image(path) -> np.ndarray:
         with Image.open(path) as im:
             im.load()  # force a full decode so truncated/corrupt data fails here
             im = ImageOps.exif_transpose(im)
-            return _pil_to_array(im, path)
+            arr = _pil_to_array(im, path)
     except ImageReadError:
         raise
     except Image.DecompressionBombError as e:
@@ -106,6 +183,7 @@ def read_image(path) -> np.ndarray:
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         # PIL.UnidentifiedImageError is an OSError; truncated files raise OSError on load().
         raise ImageReadError(path, f"not a readable image ({type(e).__name__}: {e})") from e
+    return arr if scale16 is None else reduce16(arr, scale16, path)
 
 
 def _pil_to_array(im: Image.Image, path: Path) -> np.ndarray:
@@ -197,14 +275,16 @@ def rgb_to_ycrcb(image: np.ndarray) -> np.ndarray:
     return np.stack([y, cr, cb], axis=-1)
 
 
-def read_gray(path) -> np.ndarray:
-    """Read a file as the reference's ``image_read_cv2(path, 'GRAY')``: float32 HxW, 0..255."""
-    return rgb_to_gray(read_image(path))
+def read_gray(path, scale16: str = "high") -> np.ndarray:
+    """Read a file as the reference's ``image_read_cv2(path, 'GRAY')``: float32 HxW, 0..255.
+    scale16: how 16-bit samples become 8-bit (:func:`reduce16`)."""
+    return rgb_to_gray(read_image(path, scale16))
 
 
-def read_ycrcb(path) -> np.ndarray:
-    """Read a file as float32 HxWx3 (Y, Cr, Cb) in 0..255 (see :func:`rgb_to_ycrcb`)."""
-    return rgb_to_ycrcb(read_image(path))
+def read_ycrcb(path, scale16: str = "high") -> np.ndarray:
+    """Read a file as float32 HxWx3 (Y, Cr, Cb) in 0..255 (see :func:`rgb_to_ycrcb`).
+    scale16: how 16-bit samples become 8-bit (:func:`reduce16`)."""
+    return rgb_to_ycrcb(read_image(path, scale16))
 
 
 def ycrcb_to_rgb(ycrcb: np.ndarray) -> np.ndarray:

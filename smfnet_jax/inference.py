@@ -84,7 +84,7 @@ def fuse_tiled(fuser: Callable[[np.ndarray, np.ndarray], np.ndarray], ir: np.nda
     jobs = [(i, j) for i in range(len(ys)) for j in range(len(xs))]
     if progress:
         from tqdm import tqdm
-        jobs = tqdm(jobs, desc="tiles", unit="tile", leave=False)
+        jobs = tqdm(jobs, desc="tiles", unit="tile", leave=False, disable=None)  # tty only
     for i, j in jobs:
         y, x = ys[i], xs[j]
         out = np.asarray(fuser(ir[y:y + th, x:x + tw], vi[y:y + th, x:x + tw]), np.float64)
@@ -94,3 +94,84 @@ def fuse_tiled(fuser: Callable[[np.ndarray, np.ndarray], np.ndarray], ir: np.nda
     acc /= norm_y[:, None]
     acc /= norm_x[None, :]
     return acc.astype(np.float32)
+
+
+# --------------------------------------------------------------------------- memory estimate
+# Working set of the untiled forward (`Fuser`, float32), per pixel of the image, and the
+# fixed part (parameters, program, runtime): fitted to XLA's memory_analysis() of the compiled
+# fusion at 64x64, 128x128 and 128x256 (temporaries + arguments + outputs; measured with
+# /tmp-style script in the README's "Speed and large images", 2026-11-30) and checked
+# against infer.bench's peak RSS at 480x640.
+FORWARD_BYTES_PER_PIXEL = 5300
+FORWARD_FIXED_BYTES = 512 * 2**20
+# Host-side arrays per pixel while a pair is read, fused and written (decoded RGB, grey
+# and YCrCb float32 copies, the fused output and, when tiling, the float64 accumulator).
+HOST_BYTES_PER_PIXEL = 64
+# Share of the available memory a plan may use (the estimate is not exact).
+MEMORY_MARGIN = 0.8
+
+
+def forward_bytes(height: int, width: int, batch: int = 1, dtype="float32") -> int:
+    """Estimated peak memory of fusing `batch` HxW pairs whole (no tiles)."""
+    itemsize = np.dtype(dtype).itemsize if dtype != "bfloat16" else 2
+    return int(FORWARD_FIXED_BYTES + FORWARD_BYTES_PER_PIXEL * itemsize / 4 * height * width * batch)
+
+
+def host_bytes(height: int, width: int) -> int:
+    """Estimated host memory of one pair's arrays outside the model (tiled or not)."""
+    return HOST_BYTES_PER_PIXEL * height * width
+
+
+def available_bytes(device=None) -> int | None:
+    """Memory a fusion may use now: free device memory on an accelerator (from
+    `device.memory_stats()`), available RAM on CPU (/proc/meminfo MemAvailable, else
+    os.sysconf); None when unknown."""
+    import jax  # lazily: the estimate's arithmetic does not need JAX
+
+    device = device or jax.devices()[0]
+    if device.platform != "cpu":
+        try:
+            stats = device.memory_stats() or {}
+        except Exception:  # some runtimes do not report memory
+            stats = {}
+        if "bytes_limit" in stats:
+            return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+        return None
+    return available_ram()
+
+
+def available_ram() -> int | None:
+    """Available host RAM in bytes (MemAvailable), or None when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import os
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def plan_tile(height: int, width: int, available: int | None, dtype="float32",
+              sizes=(512, 256, 128)) -> int:
+    """0 when an HxW pair fits whole in `available` bytes (or when that is unknown), else the
+    largest tile size in `sizes` whose forward fits; raises MemoryError when not even the
+    smallest tile (or the host-side arrays) fits."""
+    if available is None:
+        return 0
+    budget = available * MEMORY_MARGIN
+    gb = 2**30
+    if forward_bytes(height, width, 1, dtype) <= budget and host_bytes(height, width) <= budget:
+        return 0
+    for size in sizes:
+        need = forward_bytes(min(size, height), min(size, width), 1, dtype) + host_bytes(height, width)
+        if need <= budget:
+            return size
+    raise MemoryError(
+        f"{width}x{height} needs about {forward_bytes(height, width, 1, dtype) / gb:.1f} GB whole "
+        f"and {(forward_bytes(sizes[-1], sizes[-1], 1, dtype) + host_bytes(height, width)) / gb:.1f} GB "
+        f"in {sizes[-1]}-pixel tiles; {available / gb:.1f} GB available")

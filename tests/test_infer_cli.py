@@ -27,6 +27,7 @@ def use_fuser(monkeypatch):
             loaded.append(ckpt)
             return fn
         monkeypatch.setattr(cli, "load_fuser", fake_load)
+        monkeypatch.setattr(cli, "available_memory", lambda: None)  # unknown: no memory plan
         return loaded
     return install
 
@@ -210,14 +211,15 @@ def test_evaluate_is_called_after_fusing(dirs, use_fuser, monkeypatch, capsys):
     calls = []
     fake = types.ModuleType("infer.evaluate")
 
-    def evaluate_folders(ir_dir, vi_dir, fused_dir, ssim_range):
-        calls.append((ir_dir, vi_dir, fused_dir, ssim_range, sorted(p.name for p in fused_dir.iterdir())))
+    def evaluate_folders(ir_dir, vi_dir, fused_dir, ssim_range, scale16):
+        calls.append((ir_dir, vi_dir, fused_dir, ssim_range, scale16,
+                      sorted(p.name for p in fused_dir.iterdir())))
         return {"EN": 1.0}, []
     fake.evaluate_folders = evaluate_folders
     fake.format_table = lambda results: f"TABLE {results}"
     monkeypatch.setitem(sys.modules, "infer.evaluate", fake)
     assert cli.main(_args(ir, vi, out, ckpt, "--evaluate")) == 0
-    assert calls == [(ir, vi, out, 255.0, ["e.png"])]
+    assert calls == [(ir, vi, out, 255.0, "high", ["e.png"])]
     assert "TABLE {'EN': 1.0}" in capsys.readouterr().out
 
 
@@ -299,3 +301,212 @@ def test_batch_fuses_same_size_pairs_together(dirs, use_fuser, capsys):
             assert calls == [(2, 6, 6), (6, 6), (5, 7), (6, 6)]
     assert outputs[1] == outputs[2]
     assert cli.main(_args(ir, vi, out / "x", ckpt, "--batch", "0")) == 2
+
+
+# ----------------------------------------------------------------------------- everyday use
+
+def test_grid_first_line_and_plain_progress(dirs, use_fuser, capsys):
+    """--grid writes infrared | visible | fused; the first line names device, dtype and
+    checkpoint; without a terminal (capsys) progress comes as plain lines."""
+    ir, vi, out, ckpt = dirs
+    g = _ramp(20, 30)
+    _save(ir / "g.png", g)
+    _save(vi / "g.png", g[::-1].copy())
+    rgb = np.random.default_rng(2).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    _save(ir / "c.png", g)
+    _save(vi / "c.png", rgb)
+    use_fuser(_fuser_max)
+    assert cli.main(_args(ir, vi, out, ckpt, "--grid")) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("device cpu (") and "dtype float32" in err[0], err[0]
+    assert f"checkpoint {ckpt} (.pth file)" in err[0]
+    assert any(line.startswith("fusing: 2/2 pairs") for line in err), err
+    assert sorted(p.name for p in out.iterdir()) == ["c.png", "c_grid.png", "g.png", "g_grid.png"]
+    for name, mode, src_vi in [("g", "L", g[::-1]), ("c", "RGB", rgb)]:
+        grid = np.asarray(Image.open(out / f"{name}_grid.png"))
+        fused = np.asarray(Image.open(out / f"{name}.png"))
+        assert Image.open(out / f"{name}_grid.png").mode == mode
+        h, w = g.shape
+        label_h = grid.shape[0] - h
+        assert grid.shape[:2] == (h + label_h, 3 * w + 8) and 8 <= label_h <= 30
+        panels = [grid[label_h:, i * (w + 4):i * (w + 4) + w] for i in range(3)]
+        expect_ir = g if mode == "L" else np.repeat(g[..., None], 3, -1)
+        np.testing.assert_array_equal(panels[0], expect_ir)
+        assert np.abs(panels[1].astype(int) - src_vi).max() <= 1  # via YCrCb and back
+        np.testing.assert_array_equal(panels[2], fused)
+        assert (grid[:label_h] != grid[0, 0]).any()  # a label was drawn
+
+
+def test_describe_run_names_workdir_step(tmp_path):
+    (tmp_path / "w" / "checkpoints" / "6").mkdir(parents=True)
+    (tmp_path / "w" / "checkpoints" / "12").mkdir()
+    line = cli.describe_run(tmp_path / "w", "bfloat16")
+    assert "dtype bfloat16" in line and line.endswith("(training workdir, step 12)")
+
+
+def test_evaluate_json_is_evaluates_format(dirs, use_fuser, capsys):
+    """infer.main --json writes what infer.evaluate --json writes (one writer)."""
+    from infer import evaluate as ev
+
+    ir, vi, out, ckpt = dirs
+    rng = np.random.default_rng(7)
+    for name in ("p", "q"):
+        _save(ir / f"{name}.png", rng.integers(0, 256, (44, 48), dtype=np.uint8))
+        _save(vi / f"{name}.png", rng.integers(0, 256, (44, 48), dtype=np.uint8))
+    use_fuser(_fuser_max)
+    main_json, eval_json = out.parent / "m.json", out.parent / "e.json"
+    assert cli.main(_args(ir, vi, out, ckpt, "--json", str(main_json))) == 0  # implies --evaluate
+    assert ev.main(["--ir", str(ir), "--vi", str(vi), "--fused", str(out), "--json", str(eval_json)]) == 0
+    import json
+    doc = json.loads(main_json.read_text())
+    assert sorted(doc) == ["mean", "p", "q"] and doc == json.loads(eval_json.read_text())
+
+
+def test_bad_json_found_before_any_work(dirs, use_fuser, monkeypatch, capsys):
+    from infer import evaluate as ev
+
+    ir, vi, out, ckpt = dirs
+    _save(ir / "a.png", _ramp(8, 8))
+    _save(vi / "a.png", _ramp(8, 8))
+    out.mkdir()
+    _save(out / "a.png", _ramp(8, 8))
+    monkeypatch.setattr(ev, "evaluate_folders", lambda *a, **k: pytest.fail("evaluated"))
+    loaded = use_fuser(_fuser_max)
+    a_dir, missing = out.parent, out.parent / "nope" / "m.json"
+    for target in (a_dir, missing):
+        assert ev.main(["--ir", str(ir), "--vi", str(vi), "--fused", str(out), "--json", str(target)]) == 2
+        assert cli.main(_args(ir, vi, out.parent / "o2", ckpt, "--json", str(target))) == 2
+    err = capsys.readouterr().err
+    assert f"--json {a_dir} is a folder" in err and "does not exist" in err
+    assert loaded == [] and not (out.parent / "o2").exists()
+
+
+def test_unwritable_out_found_before_the_model_loads(dirs, use_fuser, monkeypatch, capsys):
+    import infer.common as common
+
+    ir, vi, out, ckpt = dirs
+    _save(ir / "a.png", _ramp(4, 4))
+    _save(vi / "a.png", _ramp(4, 4))
+    loaded = use_fuser(_fuser_max)
+    blocker = out.parent / "file"
+    blocker.write_text("a file, not a folder")
+    assert cli.main(_args(ir, vi, blocker / "sub", ckpt)) == 2  # cannot be created
+    assert "cannot create the folder" in capsys.readouterr().err
+
+    real_open = common.os.open
+
+    def refuse_probe(path, *a, **k):  # as a read-only folder would (the tests may run as root)
+        if ".smfnet-write-probe" in str(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *a, **k)
+    monkeypatch.setattr(common.os, "open", refuse_probe)
+    assert cli.main(_args(ir, vi, out, ckpt)) == 2
+    assert "cannot write in the folder (Permission denied)" in capsys.readouterr().err
+    assert loaded == [] and list(out.iterdir()) == []
+
+
+def test_rollback_keeps_an_earlier_runs_outputs(dirs, use_fuser, monkeypatch):
+    ir, vi, out, ckpt = dirs
+    _save(ir / "w.png", _ramp(4, 4))
+    _save(vi / "w.png", _ramp(4, 4))
+    out.mkdir()
+    (out / "w.png").write_bytes(b"earlier run's png")
+    use_fuser(_fuser_max)
+
+    def broken_npy(path, array):
+        raise OSError("disk full")
+    monkeypatch.setattr(cli, "write_npy", broken_npy)
+    assert cli.main(_args(ir, vi, out, ckpt, "--save-npy", "--grid")) == 1
+    assert [p.name for p in out.iterdir()] == ["w.png"]  # no temporary file left either
+    assert (out / "w.png").read_bytes() == b"earlier run's png"
+
+
+def test_too_large_for_memory_is_tiled_with_a_notice(dirs, use_fuser, monkeypatch, capsys):
+    from smfnet_jax.inference import MEMORY_MARGIN, forward_bytes, host_bytes
+
+    ir, vi, out, ckpt = dirs
+    h, w = 150, 140
+    rng = np.random.default_rng(3)
+    _save(ir / "big.png", rng.integers(0, 256, (h, w), dtype=np.uint8))
+    _save(vi / "big.png", rng.integers(0, 256, (h, w), dtype=np.uint8))
+    calls = []
+
+    def fuser(a, b):
+        calls.append(a.shape)
+        return _fuser_max(a, b)
+    use_fuser(fuser)
+    # enough for 128-pixel tiles, not for the whole image
+    avail = int((forward_bytes(128, 128) + host_bytes(h, w)) / MEMORY_MARGIN) + 1
+    assert forward_bytes(h, w) > avail * MEMORY_MARGIN
+    monkeypatch.setattr(cli, "available_memory", lambda: avail)
+    assert cli.main(_args(ir, vi, out, ckpt, "--save-npy")) == 0
+    assert len(calls) == 4 and set(calls) == {(128, 128)}
+    assert "notice: 140x150 needs about" in capsys.readouterr().err
+    np.testing.assert_allclose(np.load(out / "big.npy"),  # per-pixel fuser: tiling is exact
+                               np.maximum(np.asarray(Image.open(ir / "big.png")),
+                                          np.asarray(Image.open(vi / "big.png"))) / np.float32(255),
+                               rtol=0, atol=1e-6)
+
+
+def _png_header_only_zeros(path, h, w):
+    """A grey 8-bit PNG of h x w zeros, compressed row by row (no h x w array in memory)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    comp, row, parts = zlib.compressobj(9), b"\0" * (w + 1), []
+    for _ in range(h):
+        parts.append(comp.compress(row))
+    parts.append(comp.flush())
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b""))
+
+
+def test_huge_image_refused_from_its_header(dirs, use_fuser, monkeypatch, capsys):
+    """A 12000x12000 PNG (~140 KB) is judged by its header, before decoding."""
+    ir, vi, out, ckpt = dirs
+    _png_header_only_zeros(ir / "huge.png", 12000, 12000)
+    _png_header_only_zeros(vi / "huge.png", 12000, 12000)
+    _save(ir / "ok.png", _ramp(8, 8))
+    _save(vi / "ok.png", _ramp(8, 8))
+    assert (ir / "huge.png").stat().st_size < 300_000
+    decoded = []
+    real_read = cli.read_image
+    monkeypatch.setattr(cli, "read_image", lambda p, *a: decoded.append(p.name) or real_read(p, *a))
+    use_fuser(_fuser_max)
+    monkeypatch.setattr(cli, "available_memory", lambda: 4 * 2**30)
+    assert cli.main(_args(ir, vi, out, ckpt)) == 1
+    assert decoded == ["ok.png", "ok.png"] and sorted(p.name for p in out.iterdir()) == ["ok.png"]
+    summary = capsys.readouterr().out
+    assert "huge: not enough memory: 12000x12000 needs about" in summary
+    assert "too large even in tiles" in summary
+
+
+def test_plan_tile_arithmetic():
+    from smfnet_jax.inference import plan_tile
+
+    gb = 2**30
+    assert plan_tile(480, 640, None) == 0            # unknown memory: whole
+    assert plan_tile(480, 640, 64 * gb) == 0
+    assert plan_tile(12000, 12000, 64 * gb) == 512   # ~700 GB whole: tiles
+    with pytest.raises(MemoryError, match="12000x12000"):
+        plan_tile(12000, 12000, 4 * gb)              # the host arrays alone do not fit
+
+
+def test_16_bit_warning_once_per_file_and_scale16_range(dirs, use_fuser, capsys):
+    ir, vi, out, ckpt = dirs
+    twelve_bit = (np.arange(16 * 16).reshape(16, 16) * 16).astype(np.uint16)  # 0..4080
+    Image.fromarray(twelve_bit).save(ir / "t.png")
+    Image.fromarray(twelve_bit).save(ir / "u.png")
+    _save(vi / "t.png", _ramp(16, 16))
+    _save(vi / "u.png", _ramp(16, 16))
+    use_fuser(lambda a, b: a)
+    assert cli.main(_args(ir, vi, out, ckpt, "--no-normalize", "--save-npy")) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 2 and str(ir / "t.png") in warned[0] and "16 grey levels" in warned[0]
+    assert len(np.unique(np.load(out / "t.npy"))) == 16  # OpenCV's high byte, as the reference
+    assert cli.main(_args(ir, vi, out, ckpt, "--no-normalize", "--save-npy", "--scale16", "range")) == 0
+    assert "warning:" not in capsys.readouterr().err
+    raw = np.load(out / "t.npy") * 255
+    np.testing.assert_allclose(raw, np.rint(twelve_bit / 4080 * 255), atol=1e-3)

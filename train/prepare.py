@@ -180,7 +180,7 @@ def prepare(src: str | os.PathLike, out: str | os.PathLike, patch: int = 128, st
     with atomic_path(out) as tmp_name:  # an interrupted run leaves no file under `out`
         with h5py.File(tmp_name, "w") as f:
             g_ir, g_vi = f.create_group(IR_GROUP), f.create_group(VI_GROUP)
-            for stem, ir_path, vi_path in tqdm(pairs, desc="pairs", unit="pair", disable=not progress):
+            for stem, ir_path, vi_path in tqdm(pairs, desc="pairs", unit="pair", disable=None if progress else True):
                 try:
                     ir, vi = load_pair(ir_path, vi_path)
                 except (ImageReadError, ValueError) as e:  # unreadable file, bad shape or type
