@@ -334,3 +334,47 @@ def test_match_by_stem_one_rule_for_every_command(tmp_path):
         ("lonely", f"no file in the vi folder {dirs['vi']} and the fused folder {dirs['fused']} "
                    f"(found {dirs['ir'] / 'lonely.tif'})"),
     ]
+
+
+# --------------------------------------------------------------------- 16-bit scaling, headers
+
+def test_16_bit_high_byte_warns_once_per_file_and_range_scales(tmp_path):
+    twelve_bit = np.linspace(0, 4095, 20 * 30).reshape(20, 30).astype(np.uint16)
+    p = tmp_path / "thermal.png"
+    Image.fromarray(twelve_bit).save(p)
+    with Image.open(p) as im:
+        assert im.mode == "I;16"
+    with pytest.warns(io.HighByteWarning, match=r"thermal\.png.*0\.\.4095.*only 16 grey levels"):
+        high = io.read_gray(p)
+    np.testing.assert_array_equal(high, (twelve_bit >> 8).astype(np.float32))  # OpenCV's result
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")            # a second read of the same file: no warning,
+        io.read_gray(p)
+        assert io.read_image(p).dtype == np.uint16  # nor for the raw samples
+        ranged = io.read_image(p, scale16="range")
+    assert ranged.dtype == np.uint8 and ranged.min() == 0 and ranged.max() == 255
+    np.testing.assert_array_equal(ranged, np.rint(twelve_bit.astype(np.float64) * 255 / 4095))
+    full = np.random.default_rng(0).integers(0, 65536, (64, 64)).astype(np.uint16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")            # a full-range 16-bit image keeps enough levels
+        io.reduce16(full, "high", "full.png")
+    np.testing.assert_array_equal(io.reduce16(np.full((3, 3), 0x1234, np.uint16), "range"), 0x12)
+    with pytest.raises(ValueError, match="scale16"):
+        io.reduce16(full, "low")
+
+
+def test_image_size_reads_the_header_only(tmp_path):
+    p = tmp_path / "s.png"
+    Image.fromarray(np.zeros((7, 13), np.uint8)).save(p)
+    assert io.image_size(p) == (13, 7)
+    rotated = Image.fromarray(np.zeros((7, 13, 3), np.uint8))
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees on display: read_image returns 13x7 -> 7x13
+    rotated.save(tmp_path / "r.jpg", exif=exif)
+    assert io.image_size(tmp_path / "r.jpg") == tuple(io.read_image(tmp_path / "r.jpg").shape[1::-1])
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(io.ImageReadError, match="bad.png"):
+        io.image_size(tmp_path / "bad.png")
+    with pytest.raises(io.ImageReadError, match="no such file"):
+        io.image_size(tmp_path / "missing.png")

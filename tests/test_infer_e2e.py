@@ -21,7 +21,7 @@ def _crop(src, dst):
     Image.fromarray(img[y0:y0 + H, x0:x0 + W]).save(dst)
 
 
-def test_cli_fuses_like_the_reference(shared_dir, tmp_path):
+def test_cli_fuses_like_the_reference(shared_dir, tmp_path, capsys):
     ir_dir, vi_dir, out = tmp_path / "ir", tmp_path / "vi", tmp_path / "out"
     ir_dir.mkdir()
     vi_dir.mkdir()
@@ -30,8 +30,10 @@ def test_cli_fuses_like_the_reference(shared_dir, tmp_path):
         _crop(shared_dir / f"data/TNO/vi/{stem}.png", vi_dir / f"{stem}.png")
     ckpt = shared_dir / "fixtures/parity/smfnet_random_init.pth"
     rc = main(["--ckpt", str(ckpt), "--ir", str(ir_dir), "--vi", str(vi_dir), "--out", str(out),
-               "--save-npy"])
+               "--save-npy", "--grid"])
     assert rc == 0
+    first = capsys.readouterr().err.splitlines()[0]
+    assert first.startswith("device ") and f"checkpoint {ckpt} (.pth file)" in first
     with np.load(shared_dir / "fixtures/parity/reference.npz") as z:
         ref = z["fused"][:, 0]
     for i, stem in enumerate(("01", "02")):
@@ -44,3 +46,5 @@ def test_cli_fuses_like_the_reference(shared_dir, tmp_path):
         # min-max normalised as the reference's test script does
         norm = (raw - raw.min()) / (raw.max() - raw.min()) * 255
         assert np.abs(png.astype(np.float64) - norm).max() <= 0.5 + 1e-3
+        grid = np.asarray(Image.open(out / f"{stem}_grid.png"))
+        np.testing.assert_array_equal(grid[-H:, -W:], png)  # the fused panel, bottom right
