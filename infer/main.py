@@ -148,14 +148,16 @@ class LoadedPair:
     vi_ycrcb: np.ndarray   # 0..255 HxWx3
     grey: bool             # the second image is grey
     tile: int = 0          # fuse in tile x tile tiles (0: whole)
+    fit: int = 2**31       # how many pairs of this size fit in memory together (for --batch)
 
 
 def load_pair(pair: Pair, scale16: str = "high",
               plan: Callable[[int, int], int] | None = None) -> LoadedPair:
     """Read both images of a pair as the reference does; PairError says why not.
 
-    plan(height, width) -> tile size (0: whole) is asked with the size from the files'
-    headers, before any pixel is decoded; it raises PairError for a pair that cannot fit.
+    plan(height, width) -> (tile size (0: whole), pairs of this size that fit together) is
+    asked with the size from the files' headers, before any pixel is decoded; it raises
+    PairError for a pair that cannot fit.
     """
     try:
         ir_size, vi_size = image_size(pair.ir), image_size(pair.vi)
@@ -164,7 +166,7 @@ def load_pair(pair: Pair, scale16: str = "high",
     if ir_size != vi_size:
         raise PairError(f"sizes differ: {pair.ir} is {ir_size[0]}x{ir_size[1]}, "
                         f"{pair.vi} is {vi_size[0]}x{vi_size[1]} (WxH)")
-    tile = plan(ir_size[1], ir_size[0]) if plan else 0
+    tile, fit = plan(ir_size[1], ir_size[0]) if plan else (0, 2**31)
     try:
         ir_raw = read_image(pair.ir, scale16)
         vi_raw = read_image(pair.vi, scale16)
@@ -177,30 +179,32 @@ def load_pair(pair: Pair, scale16: str = "high",
     ir = rgb_to_gray(ir_raw) / np.float32(255.0)
     vi_ycrcb = rgb_to_ycrcb(vi_raw)
     vi = vi_ycrcb[..., 0] / np.float32(255.0)
-    return LoadedPair(pair, ir, vi, vi_ycrcb, is_grey(vi_raw), tile)
+    return LoadedPair(pair, ir, vi, vi_ycrcb, is_grey(vi_raw), tile, fit)
 
 
 def memory_plan(available: int | None, tile: int, dtype: str, report: Callable[[str], None]):
     """plan(height, width) for load_pair: the tile size a pair needs in `available` bytes.
 
     tile: the user's --tile (0: whole images where they fit, else AUTO_TILES with a notice
-    through `report`). Raises PairError, naming --tile, for a pair that fits in no way."""
-    from smfnet_jax.inference import forward_bytes, plan_tile
+    through `report`). Also says how many pairs of the size fit in one --batch call.
+    Raises PairError, naming --tile, for a pair that fits in no way."""
+    from smfnet_jax.inference import forward_bytes, pairs_that_fit, plan_tile
 
-    def plan(height: int, width: int) -> int:
+    def plan(height: int, width: int) -> tuple[int, int]:
         try:
             chosen = plan_tile(height, width, available, dtype, sizes=(tile,) if tile else AUTO_TILES)
         except MemoryError as e:
             hint = "try a smaller --tile" if tile else "too large even in tiles"
             raise PairError(f"not enough memory: {e} ({hint})") from e
         if tile:
-            return tile
+            return tile, 1
         if chosen:
             gb = 2**30
             report(f"{width}x{height} needs about {forward_bytes(height, width, 1, dtype) / gb:.1f} GB "
                    f"whole, {available / gb:.1f} GB available: fusing in {chosen}-pixel tiles "
                    "(slightly different from whole-image fusion; --tile SIZE sets the tiles)")
-        return chosen
+            return chosen, 1
+        return 0, pairs_that_fit(height, width, available, dtype)
     return plan
 
 
@@ -307,8 +311,8 @@ def write_outputs(loaded: LoadedPair, fused: np.ndarray, out_dir: Path, normaliz
 def same_size_batches(pairs: Iterable[Pair], size: int, failed: Callable[[Pair, PairError], None],
                       load: Callable[[Pair], LoadedPair] = load_pair):
     """Load `pairs` in order (with `load`) and yield lists of up to `size` consecutive loaded
-    pairs of one image size; a pair to be tiled comes alone; a pair that cannot be loaded
-    goes to `failed` and is left out."""
+    pairs of one image size (fewer when fewer fit in memory: LoadedPair.fit); a pair to be
+    tiled comes alone; a pair that cannot be loaded goes to `failed` and is left out."""
     batch: list[LoadedPair] = []
     for pair in pairs:
         try:
@@ -316,7 +320,7 @@ def same_size_batches(pairs: Iterable[Pair], size: int, failed: Callable[[Pair, 
         except PairError as e:
             failed(pair, e)
             continue
-        if batch and (len(batch) == size or batch[0].ir.shape != loaded.ir.shape
+        if batch and (len(batch) >= min(size, batch[0].fit) or batch[0].ir.shape != loaded.ir.shape
                       or batch[0].tile or loaded.tile):
             yield batch
             batch = []

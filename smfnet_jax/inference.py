@@ -175,3 +175,11 @@ def plan_tile(height: int, width: int, available: int | None, dtype="float32",
         f"{width}x{height} needs about {forward_bytes(height, width, 1, dtype) / gb:.1f} GB whole "
         f"and {(forward_bytes(sizes[-1], sizes[-1], 1, dtype) + host_bytes(height, width)) / gb:.1f} GB "
         f"in {sizes[-1]}-pixel tiles; {available / gb:.1f} GB available")
+
+
+def pairs_that_fit(height: int, width: int, available: int | None, dtype="float32") -> int:
+    """How many HxW pairs may be fused whole in one call (>= 1; large when memory is unknown)."""
+    if available is None:
+        return 2**31
+    one = forward_bytes(height, width, 1, dtype) - FORWARD_FIXED_BYTES + host_bytes(height, width)
+    return max(1, int((available * MEMORY_MARGIN - FORWARD_FIXED_BYTES) // max(one, 1)))

@@ -510,3 +510,23 @@ def test_16_bit_warning_once_per_file_and_scale16_range(dirs, use_fuser, capsys)
     assert "warning:" not in capsys.readouterr().err
     raw = np.load(out / "t.npy") * 255
     np.testing.assert_allclose(raw, np.rint(twelve_bit / 4080 * 255), atol=1e-3)
+
+
+def test_batch_is_capped_by_memory(dirs, use_fuser, monkeypatch):
+    from smfnet_jax.inference import MEMORY_MARGIN, forward_bytes, host_bytes
+
+    ir, vi, out, ckpt = dirs
+    for name in "abcde":
+        _save(ir / f"{name}.png", _ramp(10, 12))
+        _save(vi / f"{name}.png", _ramp(10, 12))
+    calls = []
+
+    def fuser(a, b):
+        calls.append(a.shape)
+        return _fuser_max(a, b)
+    use_fuser(fuser)
+    one = forward_bytes(10, 12, 1) - forward_bytes(0, 0, 1) + host_bytes(10, 12)
+    monkeypatch.setattr(cli, "available_memory",  # room for two pairs at once, not three
+                        lambda: int((forward_bytes(0, 0, 1) + 2.5 * one) / MEMORY_MARGIN))
+    assert cli.main(_args(ir, vi, out, ckpt, "--batch", "4")) == 0
+    assert calls == [(2, 10, 12), (2, 10, 12), (10, 12)]
