@@ -8,6 +8,10 @@
 `fuse_tiled` fuses overlapping tiles and blends them. SMFNet has global channel attention
 (every attention layer normalises over the whole image), so a tiled result is close to,
 but not equal to, the whole-image one; see the README for the measured deviation.
+
+Memory estimate: `forward_bytes(h, w)` (whole-image fusion), `available_bytes()` (free
+device memory or available RAM) and `plan_tile(h, w, available)` (0: fuse whole, else a
+tile size) let a caller decide before compiling or decoding an image; infer.main uses them.
 """
 from __future__ import annotations
 
@@ -98,10 +102,9 @@ def fuse_tiled(fuser: Callable[[np.ndarray, np.ndarray], np.ndarray], ir: np.nda
 
 # --------------------------------------------------------------------------- memory estimate
 # Working set of the untiled forward (`Fuser`, float32), per pixel of the image, and the
-# fixed part (parameters, program, runtime): fitted to XLA's memory_analysis() of the compiled
-# fusion at 64x64, 128x128 and 128x256 (temporaries + arguments + outputs; measured with
-# /tmp-style script in the README's "Speed and large images", 2026-11-30) and checked
-# against infer.bench's peak RSS at 480x640.
+# fixed part (parameters, program, runtime): from XLA's memory_analysis() of the compiled
+# fusion at 64x64, 128x128 and 128x256, checked against infer.bench's peak RSS at 480x640
+# (figures in the README's "Speed and large images").
 FORWARD_BYTES_PER_PIXEL = 5300
 FORWARD_FIXED_BYTES = 512 * 2**20
 # Host-side arrays per pixel while a pair is read, fused and written (decoded RGB, grey
