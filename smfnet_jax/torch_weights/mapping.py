@@ -32,7 +32,8 @@ def accepted_array(arr, kind: str, name: str, source: str) -> np.ndarray:
     if arr.dtype.name not in FLOAT_DTYPES:
         raise KeyMapError(f"{source}: {name} has dtype {arr.dtype}; accepted: "
                           f"{', '.join(FLOAT_DTYPES)} (all loaded as float32)")
-    return arr.astype(np.float32, copy=False)
+    with np.errstate(over="ignore"):  # float64 beyond float32's range: check_finite names it
+        return arr.astype(np.float32, copy=False)
 
 
 def check_finite(named_arrays, source: str) -> None:

@@ -93,7 +93,7 @@ def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
         fh.write(struct.pack("<Q", len(text)))
         fh.write(text)
         for i in order:
-            fh.write(memoryview(arrays[i][2].reshape(-1)).cast("B"))
+            fh.write(arrays[i][2].reshape(-1).view(np.uint8).data)  # bytes view: any dtype
 
     atomic_write(path, write)
 
