@@ -1,11 +1,22 @@
-"""Convert SMFNet checkpoints between the reference `.pth` and orbax, without torch.
+"""Convert SMFNet checkpoints between the reference `.pth`, `.safetensors` and orbax, without torch.
 
-  python -m convert.main --pth models/model_VIF.pth --out ckpt/smfnet_vif
-  python -m convert.main --ckpt ckpt/smfnet_vif --to-pth model_VIF_roundtrip.pth
+  python -m convert.main --pth models/model_VIF.pth --out ckpt/smfnet_vif          # -> orbax dir
+  python -m convert.main --pth models/model_VIF.pth --out model_VIF.safetensors    # -> safetensors
+  python -m convert.main --ckpt ckpt/smfnet_vif --to-pth model_VIF_roundtrip.pth   # -> .pth
+  python -m convert.main --ckpt WORKDIR --out model.safetensors                     # trained here
+
+--out writes a `.safetensors` file when its name ends in `.safetensors`, else an orbax
+directory. `--ckpt` takes anything the loader reads: an orbax directory, a training workdir
+(its latest step, or --step), a `.safetensors` or a `.pth`. The safetensors file holds the
+reference's tensors named `<sub-model>/<state_dict key>` (e.g.
+`DIDF_Encoder/module.patch_embed.proj.weight`), unused weights included, so PyTorch loads it
+per sub-model with `safetensors.torch.load_file`.
 
 The `.pth` is read by a restricted unpickler that refuses, before running anything, any
-pickle global a tensor checkpoint does not need. `--ckpt` also takes a training workdir
-(its latest step), so a model trained here can be handed to the original PyTorch code.
+pickle global a tensor checkpoint does not need, within a memory budget (raise it with
+SMFNET_CKPT_MAX_BYTES=8G for a larger trusted file). Non-finite weights and dtypes other
+than float32/float16/bfloat16/float64 are refused, naming the tensor.
+Exit status: 0 done, 2 bad arguments or an unusable checkpoint (one-line error).
 """
 from __future__ import annotations
 
@@ -20,43 +31,58 @@ def _parser() -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--pth", type=Path, help="reference checkpoint to read (torch zip format)")
-    src.add_argument("--ckpt", type=Path, help="orbax checkpoint dir or training workdir to export")
-    p.add_argument("--out", type=Path, help="with --pth: orbax directory to write")
-    p.add_argument("--to-pth", type=Path, help="with --ckpt: .pth file to write")
-    p.add_argument("--step", type=int, default=None, help="with --ckpt: step to export (default: latest)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    src.add_argument("--ckpt", type=Path,
+                     help="checkpoint to export: orbax dir, training workdir, .safetensors or .pth")
+    dst = p.add_mutually_exclusive_group(required=True)
+    dst.add_argument("--out", type=Path,
+                     help="output: FILE.safetensors, or else an orbax directory")
+    dst.add_argument("--to-pth", type=Path, help="output: .pth file (the reference's format)")
+    p.add_argument("--step", type=int, default=None,
+                   help="with a training workdir: step to export (default: latest)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing output (written beside it, then swapped in)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    from smfnet_jax.torch_weights.mapping import KeyMapError, export_reference_weights
-    from smfnet_jax.torch_weights.pth_io import PthError, save_pth
-    from smfnet_jax.checkpoint import CheckpointError, load_checkpoint, load_pth_model, save_converted
+    parser = _parser()
+    args = parser.parse_args(argv)
+    source = args.pth if args.pth is not None else args.ckpt
+    out = args.out if args.out is not None else args.to_pth
+    to_safetensors = args.out is not None and args.out.suffix == ".safetensors"
+    to_orbax = args.out is not None and not to_safetensors
+    if out.exists() and not args.force and (
+            not to_orbax or not out.is_dir() or any(out.iterdir())):
+        parser.error(f"{out} exists{' and is not empty' if to_orbax else ''}; "
+                     "pass --force to replace it")
+    if out.resolve() == source.resolve():
+        parser.error(f"the output {out} is the checkpoint being read")
+
+    from smfnet_jax.checkpoint import (load_checkpoint, save_converted,
+                                       save_safetensors_checkpoint)
+    from smfnet_jax.torch_weights.mapping import export_reference_weights
+    from smfnet_jax.torch_weights.pth_io import save_pth
 
     try:
-        if args.pth is not None:
-            if args.out is None:
-                raise SystemExit("--pth needs --out DIR")
-            if args.out.exists() and any(args.out.iterdir()) and not args.force:
-                raise SystemExit(f"{args.out} exists and is not empty; pass --force to overwrite")
-            loaded = load_pth_model(args.pth)
-            save_converted(args.out, loaded.model, loaded.extras,
-                           {"source": str(args.pth.resolve()), "format": "smfnet-jax/converted"})
-            n_unused = len(loaded.extras or {})
-            print(f"wrote {args.out} (from {args.pth}; {n_unused} unused reference weights kept aside)")
+        loaded = load_checkpoint(source, step=args.step)
+        origin = str(source.resolve())
+        if to_orbax:
+            save_converted(out, loaded.model, loaded.extras,
+                           {"source": origin, "format": "smfnet-jax/converted"},
+                           overwrite=args.force)
+        elif to_safetensors:
+            save_safetensors_checkpoint(out, loaded.model, loaded.extras, origin)
         else:
-            if args.to_pth is None:
-                raise SystemExit("--ckpt needs --to-pth FILE")
-            if args.to_pth.exists() and not args.force:
-                raise SystemExit(f"{args.to_pth} exists; pass --force to overwrite")
-            loaded = load_checkpoint(args.ckpt, step=args.step)
-            save_pth(args.to_pth, export_reference_weights(loaded.model, loaded.extras))
-            note = "" if loaded.extras else " (unused reference weights written as neutral placeholders)"
-            print(f"wrote {args.to_pth} from {args.ckpt} step {loaded.step}{note}")
-    except (PthError, KeyMapError, CheckpointError, OSError) as e:
+            save_pth(out, export_reference_weights(loaded.model, loaded.extras))
+    except (ValueError, OSError) as e:  # the checkpoint errors are all ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
+    step = f" step {loaded.step}" if loaded.step is not None else ""
+    if loaded.extras:
+        note = f"; {len(loaded.extras)} unused reference weights kept"
+    else:
+        note = "; unused reference weights written as neutral placeholders" if not to_orbax else ""
+    print(f"wrote {out} (from {source}{step}{note})")
     return 0
 
 

@@ -1,7 +1,7 @@
 """The Python API for fusion.
 
     from smfnet_jax.api import load_fuser
-    fuser = load_fuser("models/model_VIF.pth")      # or a converted dir / training workdir
+    fuser = load_fuser("models/model_VIF.pth")      # or .safetensors, a converted dir, a workdir
     fused = fuser(ir, vi)   # float32 HxW arrays in [0, 1] -> raw sigmoid output, HxW float32
     fused = fuser(irs, vis) # or NxHxW stacks of same-size pairs -> NxHxW (one call for N pairs)
 
@@ -86,7 +86,8 @@ def _batched(run, compiled=None):
 
 
 def load_fuser(ckpt: str | os.PathLike, *, cache: bool = True, **kwargs) -> Fuser:
-    """A `Fuser` from a reference `.pth`, a converted orbax directory, or a training workdir.
+    """A `Fuser` from a reference `.pth`, a `.safetensors`, a converted orbax directory, or a
+    training workdir (`load_checkpoint`: weights checked finite, cast to float32).
 
     cache: enable the persistent compilation cache (`enable_compilation_cache`; location
     from $SMFNET_JAX_CACHE, default ~/.cache/smfnet_jax/xla, SMFNET_JAX_CACHE=off disables).

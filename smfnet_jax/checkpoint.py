@@ -1,13 +1,20 @@
-"""Loading and saving SMFNet weights: orbax directories and reference `.pth` files.
+"""Loading and saving SMFNet weights: orbax directories, reference `.pth` and `.safetensors`.
 
 Every orbax directory this project writes (a converted checkpoint or a training workdir) is
 an orbax `CheckpointManager` directory whose steps hold an item `model`: the NNX pure state
 of `SMFNet` (parameters and BatchNorm statistics). A converted checkpoint also holds
 `extras` (the reference's unused weights, for a faithful export) and `meta` (JSON).
+
+A `.safetensors` file holds the reference's tensors under flat names
+`<sub-model>/<state_dict key>` (`mapping.SEP`), unused weights included, so PyTorch loads
+it per sub-model. Whatever the format, every loaded tensor goes through one dtype policy
+(`mapping.accepted_array`) and one finiteness check (`mapping.check_finite`).
 """
 from __future__ import annotations
 
 import os
+import secrets
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,13 +23,20 @@ import numpy as np
 from flax import nnx
 
 from smfnet_jax.model import SMFNet, abstract_model, create_model
-from smfnet_jax.torch_weights.mapping import extras_template, load_reference_weights
+from smfnet_jax.torch_weights.mapping import (KeyMapError, check_finite, export_reference_weights,
+                                              extras_template, flatten_reference,
+                                              load_reference_weights, reference_arrays,
+                                              unflatten_reference)
 from smfnet_jax.torch_weights.pth_io import load_pth
+from smfnet_jax.torch_weights.safetensors_io import load_safetensors, save_safetensors
 
 MODEL_ITEM = "model"
 EXTRAS_ITEM = "extras"
 META_ITEM = "meta"
 TRAIN_CHECKPOINT_SUBDIR = "checkpoints"  # where train.main keeps orbax steps inside a workdir
+SAFETENSORS_SUFFIX = ".safetensors"
+SAFETENSORS_FORMAT = "smfnet-reference-state-dicts"  # __metadata__["format"] of our files
+SAFETENSORS_VERSION = "1"
 
 
 class CheckpointError(ValueError):
@@ -59,17 +73,54 @@ def set_model_state(model: SMFNet, pure: dict) -> None:
 
 
 def save_converted(directory: str | os.PathLike, model: SMFNet, extras: dict | None,
-                   meta: dict) -> None:
-    """Write a one-step orbax checkpoint. Orbax commits a step atomically (temp dir + rename)."""
+                   meta: dict, *, overwrite: bool = False) -> None:
+    """Write a one-step orbax checkpoint directory.
+
+    It is written beside `directory` and renamed into place once complete, so a failure
+    leaves no partial directory. `overwrite` replaces an existing one: the old directory is
+    renamed aside, the new one renamed in, then the old one deleted (a failure before the
+    swap leaves the old checkpoint intact). Without it, an existing non-empty directory is
+    a CheckpointError.
+    """
     ocp = _ocp()
     directory = Path(directory).absolute()
+    if directory.exists() and not overwrite and (not directory.is_dir() or any(directory.iterdir())):
+        raise CheckpointError(f"{directory} exists; pass --force (overwrite=True) to replace it")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tag = secrets.token_hex(6)
+    tmp = directory.parent / f".{directory.name}.{tag}.tmp"
+    old = directory.parent / f".{directory.name}.{tag}.old"
     items = {MODEL_ITEM: ocp.args.StandardSave(model_state(model)),
              META_ITEM: ocp.args.JsonSave(meta)}
     if extras:
         items[EXTRAS_ITEM] = ocp.args.StandardSave(extras)
-    with ocp.CheckpointManager(directory) as mngr:
-        mngr.save(0, args=ocp.args.Composite(**items), force=True)
-        mngr.wait_until_finished()
+    try:
+        with ocp.CheckpointManager(tmp) as mngr:
+            mngr.save(0, args=ocp.args.Composite(**items), force=True)
+            mngr.wait_until_finished()
+        if directory.exists() or directory.is_symlink():
+            os.replace(directory, old)
+        try:
+            os.replace(tmp, directory)
+        except BaseException:
+            if old.exists():
+                os.replace(old, directory)
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if old.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+    elif old.exists():
+        old.unlink()
+
+
+def save_safetensors_checkpoint(path: str | os.PathLike, model: SMFNet, extras: dict | None,
+                                source: str) -> None:
+    """The model (and the unused weights) as a `.safetensors` of the reference's tensors,
+    named `<sub-model>/<state_dict key>`; written atomically."""
+    metadata = {"format": SAFETENSORS_FORMAT, "version": SAFETENSORS_VERSION, "source": source,
+                "naming": "<sub-model>/<state_dict key>", "producer": "smfnet-jax"}
+    save_safetensors(path, flatten_reference(export_reference_weights(model, extras)), metadata)
 
 
 def _restore_dir(path: Path, step: int | None) -> Loaded:
@@ -78,7 +129,14 @@ def _restore_dir(path: Path, step: int | None) -> Loaded:
         raise CheckpointError(f"{path}: no such checkpoint directory")
     if (path / TRAIN_CHECKPOINT_SUBDIR).is_dir():  # a training workdir
         path = path / TRAIN_CHECKPOINT_SUBDIR
-    mngr = ocp.CheckpointManager(path.absolute(), options=ocp.CheckpointManagerOptions(read_only=True))
+    # Handlers registered for the items we read (orbax warns about every item it finds
+    # without one); not read_only (which warns on every open) but create=False, and
+    # nothing is saved, so the directory is not touched.
+    handlers = {MODEL_ITEM: ocp.StandardCheckpointHandler(),
+                EXTRAS_ITEM: ocp.StandardCheckpointHandler(),
+                META_ITEM: ocp.JsonCheckpointHandler()}
+    mngr = ocp.CheckpointManager(path.absolute(), item_handlers=handlers,
+                                 options=ocp.CheckpointManagerOptions(create=False))
     try:
         steps = mngr.all_steps()
         if not steps:
@@ -86,7 +144,12 @@ def _restore_dir(path: Path, step: int | None) -> Loaded:
                 f"{path}: no orbax checkpoint step found (expected a directory written by "
                 "`python -m convert.main --out` or a training workdir)")
         step = max(steps) if step is None else step
-        items = set(mngr.item_metadata(step).keys())
+        if step not in steps:
+            raise CheckpointError(f"{path}: no step {step} (steps: {sorted(steps)})")
+        # The step's item folders, listed rather than asked of orbax (item_metadata warns
+        # about items such as a workdir's `opt` and `data` that we do not restore).
+        step_dir = path / str(step)
+        items = {p.name for p in step_dir.iterdir() if p.is_dir()} if step_dir.is_dir() else set()
         if MODEL_ITEM not in items:
             raise CheckpointError(f"{path}: step {step} has no '{MODEL_ITEM}' item (items: {sorted(items)})")
         args = {MODEL_ITEM: ocp.args.StandardRestore(model_state_template())}
@@ -101,7 +164,9 @@ def _restore_dir(path: Path, step: int | None) -> Loaded:
     set_model_state(model, restored[MODEL_ITEM])
     extras = restored.get(EXTRAS_ITEM) if EXTRAS_ITEM in items else None
     meta = restored.get(META_ITEM) if META_ITEM in items else {}
-    return Loaded(model, extras and {k: np.asarray(v) for k, v in extras.items()}, step, meta or {})
+    extras = extras and {k: np.asarray(v) for k, v in extras.items()}
+    check_finite(reference_arrays(model, extras), f"{path} step {step}")
+    return Loaded(model, extras, step, meta or {})
 
 
 def load_pth_model(path: str | os.PathLike) -> Loaded:
@@ -111,11 +176,28 @@ def load_pth_model(path: str | os.PathLike) -> Loaded:
     return Loaded(model, extras, None, {"source": str(path)})
 
 
+def load_safetensors_model(path: str | os.PathLike) -> Loaded:
+    tensors, metadata = load_safetensors(path)
+    model = create_model(0)
+    extras = load_reference_weights(model, unflatten_reference(tensors, str(path)), source=str(path))
+    return Loaded(model, extras, None, {"source": str(path), **metadata})
+
+
+def is_safetensors(path: Path) -> bool:
+    """By suffix, else by content: a zip (.pth) starts 'PK', a safetensors header '{'."""
+    if path.suffix == SAFETENSORS_SUFFIX:
+        return True
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    return len(head) == 9 and not head.startswith(b"PK") and head[8:9] == b"{"
+
+
 def load_checkpoint(path: str | os.PathLike, step: int | None = None) -> Loaded:
-    """Load SMFNet from a reference `.pth`, a converted orbax dir, or a training workdir."""
+    """Load SMFNet from a reference `.pth`, a `.safetensors`, a converted orbax dir, or a
+    training workdir (its latest step, or `step`)."""
     path = Path(path)
     if path.is_file():
-        return load_pth_model(path)
+        return load_safetensors_model(path) if is_safetensors(path) else load_pth_model(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     return _restore_dir(path, step)

@@ -15,7 +15,8 @@ import zipfile
 import numpy as np
 import pytest
 
-from smfnet_jax.torch_weights.pth_io import (ALLOWED_GLOBALS, PthError, PthFormatError, UnsafeCheckpointError,
+from smfnet_jax.torch_weights.pth_io import (ALLOWED_GLOBALS, PthError, PthFormatError, PthLimitError,
+                            UnsafeCheckpointError,
                             load_pth, save_pth)
 
 SUBMODELS = {"DIDF_Encoder": 168, "DIDF_Decoder": 17, "GraphModel": 94,
@@ -366,3 +367,107 @@ def test_corrupt_pickle(tmp_path):
     path = _write_archive(tmp_path / "junk.pth", b"\x80\x02}q\x00(X\x01\x00")
     with pytest.raises(PthFormatError, match="pickle"):
         load_pth(path)
+
+
+# ------------------------------------------------------------------ (e) the memory budget
+# Hostile files: a few hundred bytes to a megabyte that declare gigabytes.
+
+_FLOAT = b"torch\nFloatStorage\n"
+
+
+def _zero_stride_file(path, count=3, numel=2 ** 28):
+    """`count` tensors of `numel` float32 (1 GiB each) viewing one 1-element storage."""
+    entries = [(f"w{i}", _tensor_ops("0", _FLOAT, 1, 0, (numel,), (0,))) for i in range(count)]
+    return _write_archive(path, _dict_pickle(entries), {"0": np.ones(1, np.float32).tobytes()})
+
+
+def _deflated_archive(path, bomb_name: str, head: bytes, zeros: int, pkl: bytes | None = None):
+    """An archive whose record `bomb_name` is `head` + `zeros` zero bytes, deflated
+    (streamed, so building it needs no memory); other records stored."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        if pkl is not None:
+            zf.writestr("archive/data.pkl", pkl)
+        info = zipfile.ZipInfo(bomb_name)
+        info.compress_type = zipfile.ZIP_DEFLATED
+        with zf.open(info, "w", force_zip64=True) as fh:
+            fh.write(head)
+            block = bytes(1 << 22)
+            for _ in range(zeros // len(block)):
+                fh.write(block)
+        zf.writestr("archive/version", b"3\n")
+    return path
+
+
+def _storage_bomb(path, numel=2 ** 28):
+    pkl = _dict_pickle([("w", _tensor_ops("0", _FLOAT, numel, 0, (numel,), (1,)))])
+    return _deflated_archive(path, "archive/data/0", b"", numel * 4, pkl)
+
+
+def _pickle_bomb(path, zeros=2 ** 28):
+    return _deflated_archive(path, "archive/data.pkl", b"\x80\x02}q\x00.", zeros)
+
+
+@pytest.mark.parametrize("build, limit", [
+    (lambda p: _zero_stride_file(p), "zero strides"),
+    (lambda p: _zero_stride_file(p, count=1, numel=2 ** 30), "zero strides"),  # one 4 GiB expand
+    (lambda p: _storage_bomb(p, numel=2 ** 25), "ratio"),
+    (lambda p: _pickle_bomb(p, zeros=2 ** 27), "ratio"),
+])
+def test_hostile_sizes_refused(tmp_path, build, limit):
+    path = build(tmp_path / "hostile.pth")
+    with pytest.raises(PthLimitError, match=limit) as err:
+        load_pth(path)
+    assert str(path) in str(err.value) and "refused" in str(err.value)
+
+
+def test_budget_keyword_and_environment(fixture_pth, monkeypatch):
+    size = sum(a.nbytes for sd in load_pth(fixture_pth).values() for a in sd.values())
+    with pytest.raises(PthLimitError, match="SMFNET_CKPT_MAX_BYTES") as err:
+        load_pth(fixture_pth, max_bytes=size)  # records + tensors need about twice that
+    assert str(fixture_pth) in str(err.value)
+    assert load_pth(fixture_pth, max_bytes=3 * size)  # and the keyword raises it
+    monkeypatch.setenv("SMFNET_CKPT_MAX_BYTES", "1M")
+    with pytest.raises(PthLimitError, match="1.0 MiB"):
+        load_pth(fixture_pth)
+    monkeypatch.setenv("SMFNET_CKPT_MAX_BYTES", "1G")
+    assert load_pth(fixture_pth)
+
+
+def test_zero_stride_within_budget_still_loads(tmp_path):
+    # a modest expand is legitimate (torch.save keeps expand()'s zero strides)
+    path = _zero_stride_file(tmp_path / "expand.pth", count=2, numel=1000)
+    out = load_pth(path)
+    assert out["w0"].shape == (1000,) and (out["w1"] == 1).all()
+
+
+def test_refusing_hostile_files_stays_small(tmp_path):
+    """Peak RSS of a child that refuses the 3 x 1 GiB zero-stride file and a ~1 MB deflate
+    bomb (1 GiB inflated), each of which allocated gigabytes before the budget."""
+    import subprocess
+    import sys
+    zero = _zero_stride_file(tmp_path / "zero.pth")
+    bomb = _storage_bomb(tmp_path / "bomb.pth")
+    assert zero.stat().st_size < 2_000 and bomb.stat().st_size < 2_000_000
+    script = (
+        "import resource, sys\n"
+        "from smfnet_jax.torch_weights.pth_io import PthLimitError, load_pth\n"
+        "for p in sys.argv[1:]:\n"
+        "    try:\n"
+        "        load_pth(p)\n"
+        "    except PthLimitError:\n"
+        "        pass\n"
+        "    else:\n"
+        "        sys.exit('not refused: ' + p)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")  # KiB on Linux
+    # Linux carries the high-water RSS of the process that forked across exec, so the
+    # child measured is started by a small launcher, not by this (large) pytest process.
+    launcher = ("import subprocess, sys\n"
+                "sys.exit(subprocess.run([sys.executable, '-c'] + sys.argv[1:]).returncode)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop("SMFNET_CKPT_MAX_BYTES", None)
+    done = subprocess.run([sys.executable, "-c", launcher, script, str(zero), str(bomb)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    peak_mb = int(done.stdout.split()[-1]) / 1024
+    print(f"peak RSS refusing the hostile files: {peak_mb:.0f} MB")
+    assert peak_mb < 500

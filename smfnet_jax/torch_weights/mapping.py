@@ -15,6 +15,73 @@ class KeyMapError(ValueError):
     """A checkpoint that does not match the reference's layout; the message names the key."""
 
 
+# The dtype policy, for every checkpoint format: weights are float32 in the model; these
+# float dtypes are cast to it on load, anything else is refused. Counters are integers.
+FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
+COUNT_DTYPES = ("int64", "int32", "int16", "int8", "uint8")
+
+
+def accepted_array(arr, kind: str, name: str, source: str) -> np.ndarray:
+    """`arr` as the model stores it (float32, or int64 for counters), or KeyMapError."""
+    arr = np.asarray(arr)
+    if kind == "count":
+        if arr.dtype.name not in COUNT_DTYPES:
+            raise KeyMapError(f"{source}: {name} has dtype {arr.dtype}; a counter must be an "
+                              f"integer ({', '.join(COUNT_DTYPES)})")
+        return arr.astype(np.int64, copy=False)
+    if arr.dtype.name not in FLOAT_DTYPES:
+        raise KeyMapError(f"{source}: {name} has dtype {arr.dtype}; accepted: "
+                          f"{', '.join(FLOAT_DTYPES)} (all loaded as float32)")
+    with np.errstate(over="ignore"):  # float64 beyond float32's range: check_finite names it
+        return arr.astype(np.float32, copy=False)
+
+
+def check_finite(named_arrays, source: str) -> None:
+    """KeyMapError naming the first tensor holding NaN or inf (after the float32 cast)."""
+    for name, arr in named_arrays:
+        arr = np.asarray(arr)
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            bad = int(arr.size - np.isfinite(arr).sum())
+            raise KeyMapError(f"{source}: {name} holds {bad} non-finite value(s) (NaN or inf, "
+                              "possibly a float64 value beyond float32's range): the "
+                              "checkpoint is corrupt or diverged")
+
+
+def reference_arrays(model, extras: Mapping[str, np.ndarray] | None):
+    """(reference name 'SubModel/module.key', array) of a loaded model and its extras."""
+    flat = _flat_model_state(model)
+    unused_index = 0
+    for row in KEY_MAP:
+        name = f"{row.submodel}{SEP}{row.full_key}"
+        if row.path is None:
+            key = unused_key(unused_index)
+            unused_index += 1
+            if extras is not None and key in extras:
+                yield name, extras[key]
+        else:
+            yield name, flat[(SUBMODEL_KEYS[row.submodel],) + row.path].get_value()
+
+
+# Flat names for formats without nesting (safetensors): "<sub-model>/<state_dict key>",
+# e.g. "DIDF_Encoder/module.patch_embed.proj.weight".
+SEP = "/"
+
+
+def flatten_reference(ckpt: Mapping[str, Mapping[str, np.ndarray]]) -> "OrderedDict[str, np.ndarray]":
+    return OrderedDict((f"{sub}{SEP}{key}", arr) for sub, sd in ckpt.items() for key, arr in sd.items())
+
+
+def unflatten_reference(flat: Mapping[str, np.ndarray], source: str) -> dict:
+    out: dict = {}
+    for name, arr in flat.items():
+        sub, sep, key = name.partition(SEP)
+        if not sep or not key:
+            raise KeyMapError(f"{source}: tensor name {name!r} is not '<sub-model>{SEP}<key>' "
+                              f"(sub-models: {list(SUBMODEL_KEYS)})")
+        out.setdefault(sub, OrderedDict())[key] = arr
+    return out
+
+
 def _flat_model_state(model) -> dict[tuple, nnx.Variable]:
     return {tuple(path): var for path, var in nnx.to_flat_state(nnx.state(model))}
 
@@ -58,10 +125,7 @@ def check_layout(ckpt: Mapping[str, Mapping[str, np.ndarray]], model, source: st
                 want = torch_shape(row.kind, tuple(var.shape))
             if tuple(arr.shape) != want:
                 raise KeyMapError(f"{source}: {sub}/{key} has shape {tuple(arr.shape)}, expected {want}")
-            kind_ok = (np.issubdtype(arr.dtype, np.integer) if row.kind == "count"
-                       else np.issubdtype(arr.dtype, np.floating))
-            if not kind_ok:
-                raise KeyMapError(f"{source}: {sub}/{key} has dtype {arr.dtype}")
+            accepted_array(arr, row.kind, f"{sub}/{key}", source)
 
 
 def load_reference_weights(model, ckpt, source: str = "checkpoint") -> dict[str, np.ndarray]:
@@ -72,7 +136,9 @@ def load_reference_weights(model, ckpt, source: str = "checkpoint") -> dict[str,
     extras: dict[str, np.ndarray] = {}
     unused_index = 0
     for row in KEY_MAP:
-        arr = np.asarray(ckpt[row.submodel][row.full_key])
+        name = f"{row.submodel}{SEP}{row.full_key}"
+        arr = accepted_array(ckpt[row.submodel][row.full_key], row.kind, name, source)
+        check_finite([(name, arr)], source)
         if row.path is None:
             extras[unused_key(unused_index)] = np.array(arr)
             unused_index += 1
@@ -114,4 +180,5 @@ def extras_template() -> dict[str, np.ndarray]:
 
 
 __all__ = ["KeyMapError", "check_layout", "load_reference_weights", "export_reference_weights",
-           "extras_template", "PREFIX"]
+           "extras_template", "PREFIX", "SEP", "FLOAT_DTYPES", "accepted_array", "check_finite",
+           "reference_arrays", "flatten_reference", "unflatten_reference"]

@@ -21,9 +21,16 @@ the few globals a tensor checkpoint needs to local, harmless stand-ins and refus
 other global, before anything runs, with :class:`UnsafeCheckpointError`. Nothing from
 torch is ever imported or called.
 
+Why a memory budget: a few hundred bytes of pickle can declare gigabytes (zero-stride
+views, a deflate bomb, a zip header that lies). Every record read and every tensor built is
+charged to a :class:`~smfnet_jax.torch_weights.limits.Budget` before it is allocated, and
+compressed records are read in bounded chunks after a compression-ratio check; a refusal
+(:class:`PthLimitError`) names the limit and how to raise it (``max_bytes=`` or
+``$SMFNET_CKPT_MAX_BYTES``).
+
 Public API: :func:`load_pth`, :func:`save_pth`, :data:`ALLOWED_GLOBALS`,
 :class:`PthError` (base, a ``ValueError``), :class:`PthFormatError`,
-:class:`UnsafeCheckpointError`.
+:class:`UnsafeCheckpointError`, :class:`PthLimitError`.
 """
 from __future__ import annotations
 
@@ -43,11 +50,13 @@ from typing import Any, Callable
 import numpy as np
 
 from smfnet_jax.fileio import atomic_write
+from smfnet_jax.torch_weights.limits import Budget
 
 __all__ = [
     "ALLOWED_GLOBALS",
     "PthError",
     "PthFormatError",
+    "PthLimitError",
     "UnsafeCheckpointError",
     "load_pth",
     "save_pth",
@@ -62,6 +71,10 @@ class PthError(ValueError):
 
 class PthFormatError(PthError):
     """The file is not a readable torch zip checkpoint (wrong format, truncated, corrupt)."""
+
+
+class PthLimitError(PthError):
+    """The file declares more memory than the reader's budget allows (see limits.py)."""
 
 
 class UnsafeCheckpointError(PthError):
@@ -165,12 +178,12 @@ class _TorchDtype:
 
 class _Storage:
     """One ``data/<key>`` record, read and checked when the pickle first references it."""
-    __slots__ = ("key", "stype", "numel", "raw", "big_endian", "_swapped")
+    __slots__ = ("key", "stype", "numel", "raw", "big_endian", "budget", "_swapped")
 
     def __init__(self, key: str, stype: _StorageType, numel: int, raw: bytes,
-                 big_endian: bool):
+                 big_endian: bool, budget: Budget):
         self.key, self.stype, self.numel, self.raw = key, stype, numel, raw
-        self.big_endian = big_endian
+        self.big_endian, self.budget = big_endian, budget
         self._swapped: dict[int, bytes] = {}
 
     def little_endian_bytes(self, dtype: np.dtype) -> bytes:
@@ -180,6 +193,7 @@ class _Storage:
         if not self.big_endian or width <= 1:
             return self.raw
         if width not in self._swapped:
+            self.budget.charge(len(self.raw), f"byte-swapping storage data/{self.key}")
             usable = len(self.raw) - len(self.raw) % width
             self._swapped[width] = np.frombuffer(
                 self.raw, dtype=f">u{width}", count=usable // width).astype(f"<u{width}").tobytes()
@@ -216,10 +230,12 @@ def _materialize(storage, offset, size, stride, dtype: np.dtype, metadata=None) 
                        f"not a whole number of {dtype} elements")
     count = len(storage.raw) // itemsize
     numel = math.prod(size)
-    if numel > max(count, 1) * 64 and numel * itemsize > 2 ** 32:
-        # zero strides (expand) legitimately reuse elements, but not into gigabytes
-        raise _Invalid(f"tensor of size {size} would expand storage data/{storage.key} "
-                       f"({count} elements) to {numel * itemsize} bytes")
+    nbytes = numel * itemsize
+    what = f"a tensor of size {size} from storage data/{storage.key}"
+    # Charged before the copy. Zero strides (expand) legitimately reuse elements, but
+    # only a little: they make memory that no byte of the file backs.
+    storage.budget.charge_expansion(max(0, nbytes - len(storage.raw)), what)
+    storage.budget.charge(nbytes, what)
     if numel == 0:
         out = np.zeros(size, dtype=dtype)
     else:
@@ -237,9 +253,9 @@ def _materialize(storage, offset, size, stride, dtype: np.dtype, metadata=None) 
         if not isinstance(metadata, dict) or not set(metadata) <= {"conj", "neg"}:
             raise _Invalid(f"unsupported tensor metadata {metadata!r}")
         if metadata.get("conj"):  # lazy conjugate bit: storage holds x, the value is conj(x)
-            out = np.conj(out)
+            np.conj(out, out=out)
         if metadata.get("neg"):  # lazy negation bit
-            out = np.negative(out)
+            np.negative(out, out=out)
     return out
 
 
@@ -320,10 +336,11 @@ class _RestrictedUnpickler(pickle.Unpickler):
     """Unpickler that resolves only allow-listed globals, to local stand-ins."""
 
     def __init__(self, data: bytes, path: str, read_record: Callable[[str, int], bytes],
-                 big_endian: bool):
+                 big_endian: bool, budget: Budget):
         super().__init__(io.BytesIO(data))
         self._path = path
         self._big_endian = big_endian
+        self._budget = budget
         self._read_record = read_record
         self._storages: dict[str, _Storage] = {}
 
@@ -355,7 +372,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
             raise _Invalid(
                 f"storage data/{key} holds {len(raw)} bytes but the pickle declares {numel} "
                 f"{what} ({numel * itemsize} bytes): the file is truncated or corrupt")
-        storage = _Storage(key, stype, numel, raw, self._big_endian)
+        storage = _Storage(key, stype, numel, raw, self._big_endian, self._budget)
         self._storages[key] = storage
         return storage
 
@@ -402,7 +419,7 @@ def _not_zip_error(path: str, head: bytes) -> PthFormatError:
     return PthFormatError(f"{path}: not a PyTorch checkpoint (not a zip archive)")
 
 
-def load_pth(path: str | os.PathLike) -> dict:
+def load_pth(path: str | os.PathLike, *, max_bytes: int | None = None) -> dict:
     """Load a ``torch.save`` zip checkpoint as nested dicts of numpy arrays, without torch.
 
     Returns the saved top-level dict (for SMFNet: five ``OrderedDict`` state_dicts), with
@@ -412,6 +429,9 @@ def load_pth(path: str | os.PathLike) -> dict:
     order are kept, as is a state_dict's ``_metadata`` attribute (so ``save_pth`` can write
     it back).
 
+    ``max_bytes`` is the memory budget (records read plus tensors built; see
+    ``smfnet_jax.torch_weights.limits``), default ``$SMFNET_CKPT_MAX_BYTES`` or 2 GiB.
+
     Raises:
         FileNotFoundError: ``path`` does not exist.
         UnsafeCheckpointError: the pickle references a global outside ``ALLOWED_GLOBALS``;
@@ -419,8 +439,11 @@ def load_pth(path: str | os.PathLike) -> dict:
         PthFormatError: not a zip checkpoint, legacy format, truncated or corrupt archive,
             missing ``data.pkl`` or storage record, malformed tensor record, or a top-level
             object that is not a dict.
+        PthLimitError: the file would need more memory than ``max_bytes``, or holds a
+            compressed record that inflates past the ratio cap; refused before allocating.
     """
     path = os.fspath(path)
+    budget = Budget(path, PthLimitError, max_bytes)
     if not os.path.exists(path):
         raise FileNotFoundError(errno.ENOENT, "checkpoint file not found", path)
     if os.path.isdir(path):
@@ -433,10 +456,38 @@ def load_pth(path: str | os.PathLike) -> dict:
         except zipfile.BadZipFile:
             raise _not_zip_error(path, head) from None
         with zf:
-            return _load_from_zip(zf, path)
+            return _load_from_zip(zf, path, budget)
 
 
-def _load_from_zip(zf: zipfile.ZipFile, path: str) -> dict:
+_CHUNK = 1 << 20
+
+
+def _read_bounded(zf: zipfile.ZipFile, info: zipfile.ZipInfo, budget: Budget) -> bytearray:
+    """A record's bytes, never more than its declared size, in 1 MiB chunks, after the
+    budget and compression-ratio checks (so neither a bomb nor a lying header can allocate
+    more than the budget)."""
+    what = f"record '{info.filename}'"
+    if info.compress_type == zipfile.ZIP_STORED and info.compress_size != info.file_size:
+        raise _Invalid(f"{what} is stored uncompressed but declares {info.compress_size} bytes "
+                       f"stored and {info.file_size} bytes of data: the file is corrupt")
+    budget.check_ratio(info.compress_size, info.file_size, what)
+    budget.charge(info.file_size, what)
+    buf = bytearray(info.file_size)
+    view = memoryview(buf)
+    filled = 0
+    with zf.open(info) as fh:
+        while filled < len(buf):
+            n = fh.readinto(view[filled:filled + _CHUNK])
+            if not n:
+                raise _Invalid(f"{what} ends after {filled} of its declared {len(buf)} bytes: "
+                               "the file is truncated or corrupt")
+            filled += n
+        if fh.read(1):  # zipfile stops at the declared size; a longer stream is corrupt
+            raise _Invalid(f"{what} holds more than its declared {len(buf)} bytes")
+    return buf
+
+
+def _load_from_zip(zf: zipfile.ZipFile, path: str, budget: Budget) -> dict:
     names = zf.namelist()
     prefix = _archive_prefix(names, path)
     present = set(names)
@@ -447,11 +498,13 @@ def _load_from_zip(zf: zipfile.ZipFile, path: str) -> dict:
         raise PthFormatError(f"{path}: the archive has no '{pkl_name}' record, so it is not a "
                              f"torch.save checkpoint{hint}")
 
-    def read(name: str) -> bytes:
+    def read(name: str) -> bytearray:
         try:
-            return zf.read(name)
+            return _read_bounded(zf, zf.getinfo(name), budget)
         except KeyError:
             raise _Invalid(f"record '{name}' is missing from the archive") from None
+        except PthError:  # a budget refusal: already says what and why
+            raise
         except (zipfile.BadZipFile, EOFError, OSError, ValueError, NotImplementedError) as exc:
             raise _Invalid(f"record '{name}' cannot be read ({exc}): the file is truncated "
                            "or corrupt") from exc
@@ -477,7 +530,7 @@ def _load_from_zip(zf: zipfile.ZipFile, path: str) -> dict:
                            f"{expected_nbytes} bytes: the file is truncated or corrupt")
         return read(name)
 
-    unpickler = _RestrictedUnpickler(data, path, read_storage, byteorder == "big")
+    unpickler = _RestrictedUnpickler(data, path, read_storage, byteorder == "big", budget)
     try:
         _prescan(data, path)
         obj = unpickler.load()
