@@ -85,22 +85,14 @@ def available_memory() -> int | None:
     return available_bytes()
 
 
-def describe_run(ckpt: Path, dtype: str) -> str:
-    """The first line of a run: device, dtype and checkpoint (path, kind, step)."""
+def describe_run(ckpt: Path, dtype: str, step: int | None = None) -> str:
+    """The first line of a run: device, dtype and checkpoint (path, kind, the step loaded)."""
     import jax
 
-    from smfnet_jax.checkpoint import TRAIN_CHECKPOINT_SUBDIR
+    from smfnet_jax.checkpoint import checkpoint_kind
 
     dev = jax.devices()[0]
-    if ckpt.is_file():
-        kind = f"{ckpt.suffix or 'weights'} file"
-    else:
-        steps_dir = ckpt / TRAIN_CHECKPOINT_SUBDIR
-        kind = "training workdir" if steps_dir.is_dir() else "orbax folder"
-        steps_dir = steps_dir if steps_dir.is_dir() else ckpt
-        steps = [int(p.name) for p in steps_dir.iterdir() if p.name.isdigit()]
-        if steps:  # the step load_checkpoint restores: the latest
-            kind += f", step {max(steps)}"
+    kind = checkpoint_kind(ckpt) + ("" if step is None else f", step {step}")
     return (f"device {dev.platform} ({dev.device_kind}), {len(jax.devices())} visible; dtype {dtype}; "
             f"checkpoint {ckpt} ({kind})")
 
@@ -413,15 +405,21 @@ def run(args, fuser: Callable | None = None) -> int:
         print(f"error: no images ({', '.join(IMAGE_EXTENSIONS)}) in {args.ir} or {args.vi}",
               file=sys.stderr)
         return EXIT_SOME_FAILED
-    if pairs:
-        print(describe_run(args.ckpt, args.dtype), file=sys.stderr)
-    for f in failures:
-        print(f"skipped {f.name}: {f.reason}", file=sys.stderr)
-
+    load_s = None
     if pairs and fuser is None:
         t0 = time.perf_counter()
-        fuser = load_fuser(args.ckpt) if args.dtype == "float32" else load_fuser(args.ckpt, dtype=args.dtype)
-        print(f"loaded {args.ckpt} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        try:
+            fuser = load_fuser(args.ckpt) if args.dtype == "float32" else load_fuser(args.ckpt, dtype=args.dtype)
+        except (ValueError, OSError) as e:  # every checkpoint error is a ValueError
+            print(f"error: cannot load checkpoint {args.ckpt}: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        load_s = time.perf_counter() - t0
+    if pairs:
+        print(describe_run(args.ckpt, args.dtype, getattr(fuser, "step", None)), file=sys.stderr)
+        if load_s is not None:
+            print(f"loaded in {load_s:.1f} s", file=sys.stderr)
+    for f in failures:
+        print(f"skipped {f.name}: {f.reason}", file=sys.stderr)
 
     fused_names, times = [], []
     # disable=None: a bar only on a terminal; elsewhere plain lines (below)

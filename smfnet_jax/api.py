@@ -36,7 +36,8 @@ class Fuser:
     The model passed in is not modified (the fuser keeps an eval-mode copy).
     """
 
-    def __init__(self, model: SMFNet, *, dtype=jnp.float32):
+    def __init__(self, model: SMFNet, *, dtype=jnp.float32, step: int | None = None):
+        self.step = step  # the checkpoint step the model came from (None: a weights file)
         model = nnx.clone(model)
         model.eval()
         graphdef, state = nnx.split(model)
@@ -98,4 +99,4 @@ def load_fuser(ckpt: str | os.PathLike, *, cache: bool = True, **kwargs) -> Fuse
     if cache:
         enable_compilation_cache()
     loaded: Loaded = load_checkpoint(Path(ckpt))
-    return Fuser(loaded.model, **kwargs)
+    return Fuser(loaded.model, step=loaded.step, **kwargs)

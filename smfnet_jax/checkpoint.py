@@ -192,6 +192,14 @@ def is_safetensors(path: Path) -> bool:
     return len(head) == 9 and not head.startswith(b"PK") and head[8:9] == b"{"
 
 
+def checkpoint_kind(path: str | os.PathLike) -> str:
+    """What `load_checkpoint` will take `path` for, in words (for logs)."""
+    path = Path(path)
+    if path.is_file():
+        return "safetensors file" if is_safetensors(path) else ".pth file"
+    return "training workdir" if (path / TRAIN_CHECKPOINT_SUBDIR).is_dir() else "orbax folder"
+
+
 def load_checkpoint(path: str | os.PathLike, step: int | None = None) -> Loaded:
     """Load SMFNet from a reference `.pth`, a `.safetensors`, a converted orbax dir, or a
     training workdir (its latest step, or `step`)."""

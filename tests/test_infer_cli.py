@@ -337,11 +337,24 @@ def test_grid_first_line_and_plain_progress(dirs, use_fuser, capsys):
         assert (grid[:label_h] != grid[0, 0]).any()  # a label was drawn
 
 
-def test_describe_run_names_workdir_step(tmp_path):
-    (tmp_path / "w" / "checkpoints" / "6").mkdir(parents=True)
-    (tmp_path / "w" / "checkpoints" / "12").mkdir()
-    line = cli.describe_run(tmp_path / "w", "bfloat16")
+def test_describe_run_names_checkpoint_kind_and_step(tmp_path):
+    (tmp_path / "w" / "checkpoints" / "12").mkdir(parents=True)
+    line = cli.describe_run(tmp_path / "w", "bfloat16", 12)
     assert "dtype bfloat16" in line and line.endswith("(training workdir, step 12)")
+    (tmp_path / "c").mkdir()
+    assert cli.describe_run(tmp_path / "c", "float32").endswith("(orbax folder)")
+
+
+def test_unloadable_checkpoint_is_one_line_exit_2(dirs, capsys):
+    """A checkpoint the real loader refuses (here not a checkpoint at all) is one error line
+    naming it, exit status 2, and nothing is written."""
+    ir, vi, out, ckpt = dirs  # ckpt holds a few bytes that are no .pth
+    _save(ir / "a.png", _ramp(6, 8))
+    _save(vi / "a.png", _ramp(6, 8))
+    rc = cli.main(_args(ir, vi, out, ckpt))
+    err = capsys.readouterr().err
+    assert rc == 2 and f"error: cannot load checkpoint {ckpt}" in err
+    assert not any(out.glob("*.png"))
 
 
 def test_evaluate_json_is_evaluates_format(dirs, use_fuser, capsys):
