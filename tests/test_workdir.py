@@ -247,3 +247,42 @@ def test_metrics_logger_resumes_without_duplicates(tmp_path):
         second.log({"step": s, "loss": float(s)})
     second.close()
     assert _rows(tmp_path / "metrics.jsonl") == [1, 2, 3, 4, 5, 6]
+
+
+# --------------------------------------------------------------------------- the CLI (no compile)
+def _train_cli(workdir: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "train.main", "--config", "smoke.py", "--workdir", str(workdir),
+           "--config.progress=False", *extra]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def test_cli_lists_every_bad_value_and_exits_2(tmp_path):
+    r = _train_cli(tmp_path / "w", "--config.checkpoint_every_steps=0", "--config.log_every_steps=0",
+                   "--config.batch_size=0", "--config.lr=-1e-4")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    for line in ("batch_size=0: must be a positive integer", "lr=-0.0001: must be a finite number > 0",
+                 "checkpoint_every_steps=0: must be", "log_every_steps=0: must be"):
+        assert line in r.stderr, r.stderr
+    assert not (tmp_path / "w").exists()
+
+
+def test_cli_unknown_key_and_bad_flag_value_exit_2(tmp_path):
+    r = _train_cli(tmp_path / "w", "--config.foo=1", "--config.batch_sise=4")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "error: foo: unknown config key (in --config.foo=1)" in r.stderr
+    assert "batch_sise: unknown config key (did you mean batch_size?)" in r.stderr
+    r = _train_cli(tmp_path / "w", "--config.batch_size=abc")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "batch_size=abc" in r.stderr
+
+
+def test_cli_refuses_a_locked_workdir(tmp_path):
+    holder = _start_holder(tmp_path)
+    try:
+        r = _train_cli(tmp_path)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert f"in use by another trainer: pid {holder.pid}" in r.stderr
