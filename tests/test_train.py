@@ -187,11 +187,17 @@ def test_microbatch_split_is_strided_and_invertible():
         assert resolve_microbatches(0, 12) == 1
 
 
-def test_microbatches_must_divide_the_per_device_batch(tmp_path):
+def test_microbatches_must_divide_the_per_device_batch(tmp_path, monkeypatch):
+    import jax
+    from train.configs.validate import ConfigError
     from train.trainer import Trainer, TrainingError
     cfg = smoke.get_config()
-    cfg.microbatches = 3  # batch 2
-    with pytest.raises(TrainingError, match="microbatches=3"):
+    cfg.microbatches = 3  # batch 2: the config check refuses it, whatever the devices
+    with pytest.raises(ConfigError, match="microbatches=3"):
+        Trainer(cfg, tmp_path / "w")
+    cfg.microbatches = 2  # divides the batch, not the per-device batch of 1 on 2 devices
+    monkeypatch.setattr(jax, "device_count", lambda: 2)
+    with pytest.raises(TrainingError, match="microbatches=2"):
         Trainer(cfg, tmp_path / "w")
 
 

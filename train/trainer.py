@@ -99,7 +99,6 @@ class Trainer:
         self.is_main = jax.process_index() == 0
         self.lock = None
         self.ckpt = None
-        self.mesh = make_mesh()
         n_dev = jax.device_count()
         if cfg.batch_size % n_dev:
             raise TrainingError(f"batch_size {cfg.batch_size} is not divisible by the {n_dev} devices")
@@ -107,6 +106,7 @@ class Trainer:
             train_step_lib.resolve_microbatches(cfg.microbatches, cfg.batch_size)
         except ValueError as e:
             raise TrainingError(str(e)) from None
+        self.mesh = make_mesh()
         try:
             self._claim_workdir(allow_config_change)
             self._build()
