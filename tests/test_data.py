@@ -162,9 +162,14 @@ def test_h5_source_reads_prepared_format(synth_h5):
     assert batch["vi"].shape == batch["ir"].shape == (4, 8, 8, 1)
 
 
+def _sampled_at_open(n):
+    return set(np.linspace(0, n - 1, min(n, D.VALUE_SAMPLE)).round().astype(int).tolist())
+
+
 def test_non_finite_patch_error_names_key(tmp_path):
     path = tmp_path / "bad.h5"
-    D.write_synthetic_h5(path, n=8, size=4, seed=0)
+    D.write_synthetic_h5(path, n=40, size=4, seed=0)
+    assert 6 not in _sampled_at_open(40)  # found when read, not at open
     with h5py.File(path, "r+") as f:
         f["ir_patchs"]["6"][0, 1, 2] = np.nan
     src = D.H5PairSource(path)
@@ -173,6 +178,57 @@ def test_non_finite_patch_error_names_key(tmp_path):
     with pytest.raises(D.BadPatchError, match="ir_patchs/6"):
         for _ in _iter(path, global_batch_size=8, seed=0, num_epochs=1):
             pass
+
+
+def _crafted_h5(path, n=20, size=4, edit=None):
+    """A prepared-format file of n constant patches (value 0.5) after `edit(ir, vi)` on the
+    {key: array} dicts, so any patch can be given another shape, dtype or values."""
+    ir = {str(i): np.full((1, size, size), 0.5, np.float32) for i in range(n)}
+    vi = {str(i): np.full((1, size, size), 0.5, np.float32) for i in range(n)}
+    if edit:
+        edit(ir, vi)
+    with h5py.File(path, "w") as f:
+        for name, patches in (("ir_patchs", ir), ("vis_patchs", vi)):
+            g = f.create_group(name)
+            for k, v in patches.items():
+                g.create_dataset(k, data=v)
+    return path
+
+
+def _set(group, key, value):
+    return lambda ir, vi: (ir if group == "ir_patchs" else vi).__setitem__(key, value)
+
+
+BAD_FILES = [  # (edit, where, what): found at open, before any step
+    (_set("vis_patchs", "17", np.zeros((1, 4, 5), np.float32)), "vis_patchs/17", r"\(1, 4, 5\) float32"),
+    (_set("ir_patchs", "11", np.zeros((1, 4, 4), np.float64)), "ir_patchs/11", r"\(1, 4, 4\) float64"),
+    (_set("ir_patchs", "4", np.zeros((1, 4, 4), np.uint8)), "ir_patchs/4", "uint8"),
+    (_set("ir_patchs", "0", np.zeros((1, 4, 4), np.uint8)), "ir_patchs/0", "dtype uint8, expected float32"),
+    (_set("ir_patchs", "0", np.zeros((4, 4), np.float32)), "ir_patchs/0", r"shape \(4, 4\), expected \(1, H, W\)"),
+    (_set("vis_patchs", "0", np.full((1, 4, 4), 200.0, np.float32)), "vis_patchs/0",
+     r"values in \[200, 200\], expected \[0, 1\] \(0-255 values"),
+    (_set("ir_patchs", "19", np.full((1, 4, 4), -0.5, np.float32)), "ir_patchs/19", r"values in \[-0.5, -0.5\]"),
+]
+
+
+@pytest.mark.parametrize("edit,where,what", BAD_FILES, ids=[w for _, w, _ in BAD_FILES])
+def test_bad_h5_refused_at_open_naming_file_and_patch(tmp_path, edit, where, what):
+    path = _crafted_h5(tmp_path / "crafted.h5", edit=edit)
+    assert {0, 19} <= _sampled_at_open(20)
+    with pytest.raises(D.BadPatchError, match=f"crafted.h5: .*'?{where}'?.*{what}"):
+        D.H5PairSource(path)
+
+
+def test_values_just_outside_unit_range_accepted_far_outside_refused_when_read(tmp_path):
+    eps = np.float32(1 + 1e-6)  # float rounding of the luminance sum
+    path = _crafted_h5(tmp_path / "ok.h5", edit=_set("ir_patchs", "0", np.full((1, 4, 4), eps)))
+    assert D.H5PairSource(path)[0]["ir"].max() == eps
+    assert 6 not in _sampled_at_open(40)
+    path = _crafted_h5(tmp_path / "far.h5", n=40,
+                       edit=_set("ir_patchs", "6", np.full((1, 4, 4), 1.5, np.float32)))
+    src = D.H5PairSource(path)  # not among the sampled patches...
+    with pytest.raises(D.BadPatchError, match=r"far.h5: patch 'ir_patchs/6' has values in \[1.5, 1.5\]"):
+        src[6]  # ...but refused when read
 
 
 def test_missing_h5_says_how_to_get_msrs(tmp_path):

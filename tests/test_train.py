@@ -187,11 +187,17 @@ def test_microbatch_split_is_strided_and_invertible():
         assert resolve_microbatches(0, 12) == 1
 
 
-def test_microbatches_must_divide_the_per_device_batch(tmp_path):
+def test_microbatches_must_divide_the_per_device_batch(tmp_path, monkeypatch):
+    import jax
+    from train.configs.validate import ConfigError
     from train.trainer import Trainer, TrainingError
     cfg = smoke.get_config()
-    cfg.microbatches = 3  # batch 2
-    with pytest.raises(TrainingError, match="microbatches=3"):
+    cfg.microbatches = 3  # batch 2: the config check refuses it, whatever the devices
+    with pytest.raises(ConfigError, match="microbatches=3"):
+        Trainer(cfg, tmp_path / "w")
+    cfg.microbatches = 2  # divides the batch, not the per-device batch of 1 on 2 devices
+    monkeypatch.setattr(jax, "device_count", lambda: 2)
+    with pytest.raises(TrainingError, match="microbatches=2"):
         Trainer(cfg, tmp_path / "w")
 
 
@@ -484,3 +490,44 @@ def test_open_data_crops_and_rejects_oversized_crops(tiny_h5):
     cfg.data.crop_size = 64
     with pytest.raises(TrainingError, match="crop_size=64 is larger"):
         open_data(cfg)
+
+
+def test_kill_between_checkpoints_then_resume_logs_each_step_once(tiny_h5, tmp_path):
+    """A real `kill -9` after checkpoint 8 and before checkpoint 16: the restarted run takes
+    over the dead trainer's lock, resumes from step 8, drops the rows 9.. it logged before
+    dying, and ends with exactly one metrics.jsonl row per step. The workdir then refuses a
+    resume with another batch size (exit 2, the difference named)."""
+    import time
+    workdir = tmp_path / "killed"
+    extra = tiny_overrides(tiny_h5) + ["--config.num_epochs=8", "--config.checkpoint_every_steps=8"]
+    cmd = [sys.executable, "-m", "train.main", "--config", "smoke.py", "--workdir", str(workdir), *extra]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **TWO_DEVICES}, start_new_session=True)
+    logged, saved = [], []
+    try:
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (workdir / "metrics.jsonl").exists():
+                logged = [json.loads(x)["step"] for x in
+                          (workdir / "metrics.jsonl").read_text().splitlines() if x.endswith("}")]
+                saved = sorted(int(p.name) for p in (workdir / "checkpoints").glob("[0-9]*") if p.name.isdigit())
+                if saved == [8] and logged and logged[-1] >= 10:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    break
+            time.sleep(0.01)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, err[-3000:]
+    assert saved == [8] and 10 <= logged[-1] < 16, (saved, logged)  # killed between checkpoints
+
+    r = run_train(workdir, extra)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"took over the lock of {workdir}, left by pid {proc.pid}" in r.stderr
+    assert "resumed from" in r.stderr and "step 8" in r.stderr
+    assert [row["step"] for row in read_metrics(workdir)] == list(range(1, 17))
+
+    r = run_train(workdir, extra + ["--config.batch_size=4", "--config.num_epochs=9"], timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "  batch_size: 2 -> 4" in r.stderr and "num_epochs" not in r.stderr

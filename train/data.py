@@ -6,8 +6,11 @@ Sources
 reference's `dataprocessing.py`: same layout): groups ``ir_patchs`` / ``vis_patchs``, keys
 "0", "1", ..., each a (1, H, W) float32 patch. Record ``i`` is the ``i``-th key in natural
 (numeric) order. The file is opened lazily, once per process, so the source can be pickled
-into grain's worker processes (an h5py handle is never pickled). Every record is checked
-when read: a patch with NaN/inf raises `BadPatchError` naming the file and the H5 key.
+into grain's worker processes (an h5py handle is never pickled). At open, before any
+training step: both groups hold the same keys, every patch has the first one's (1, H, W)
+shape and float dtype (metadata only), and `VALUE_SAMPLE` patches spread over the file are
+read. Every record read (at open or later) is checked: NaN/inf, or values outside [0, 1] by
+more than `VALUE_MARGIN`, raise `BadPatchError` naming the file and the H5 key.
 
 `SyntheticPairs(n, size, seed)` makes deterministic infrared/visible-like pairs in memory with
 the same interface (for the smoke config on a machine without MSRS, and for tests);
@@ -82,6 +85,12 @@ MSRS_HELP = (
     "the smoke config trains on synthetic pairs.")
 
 
+# Patches read at open to check their values; and how far outside [0, 1] a value may be
+# (float rounding of the luminance sum may pass 1 by an ulp, never by this much).
+VALUE_SAMPLE = 16
+VALUE_MARGIN = 0.01
+
+
 class MissingDatasetError(FileNotFoundError):
     """The prepared H5 file does not exist."""
 
@@ -129,17 +138,48 @@ class H5PairSource:
                 if not ir_keys:
                     raise BadPatchError(f"{self.path}: the file holds no patches")
                 self._keys = _natural_keys(list(ir_keys))
-                first = f[IR_GROUP][self._keys[0]]
-                if first.ndim != 3 or first.shape[0] != 1:
-                    raise BadPatchError(
-                        f"{self.path}: patch '{IR_GROUP}/{self._keys[0]}' has shape "
-                        f"{first.shape}, expected (1, H, W)")
-                self.patch_shape: tuple[int, int] = tuple(first.shape[1:])
+                self.patch_shape, self.dtype = self._check_layout(f)
+                self._check_values(f)
         except OSError as e:
             raise BadPatchError(f"{self.path}: not a readable HDF5 file ({e})") from e
         self._file: h5py.File | None = None
         self._pid: int | None = None
         self._lock = threading.Lock()
+
+    def _check_layout(self, f: h5py.File) -> tuple[tuple[int, int], np.dtype]:
+        """Every patch of both groups (1, H, W) with the first one's H, W and float dtype:
+        read from the metadata only (no pixels), so a bad patch is found before training."""
+        first = f[IR_GROUP][self._keys[0]]
+        shape, dtype = first.shape, first.dtype
+        if len(shape) != 3 or shape[0] != 1 or min(shape[1:]) < 1:
+            raise BadPatchError(f"{self.path}: patch '{IR_GROUP}/{self._keys[0]}' has shape "
+                                f"{shape}, expected (1, H, W)")
+        if not np.issubdtype(dtype, np.floating):
+            raise BadPatchError(f"{self.path}: patch '{IR_GROUP}/{self._keys[0]}' has dtype "
+                                f"{dtype}, expected float32 values in [0, 1]")
+        for group in (IR_GROUP, VI_GROUP):
+            g = f[group]
+            for key in self._keys:
+                d = g[key]
+                if not isinstance(d, h5py.Dataset):
+                    raise BadPatchError(f"{self.path}: '{group}/{key}' is not a dataset")
+                if d.shape != shape or d.dtype != dtype:
+                    raise BadPatchError(
+                        f"{self.path}: patch '{group}/{key}' is {d.shape} {d.dtype}, unlike the "
+                        f"first patch '{IR_GROUP}/{self._keys[0]}' ({shape} {dtype}); all "
+                        "patches must share one shape and dtype (re-create the file with "
+                        "train.prepare)")
+        return tuple(shape[1:]), dtype
+
+    def _check_values(self, f: h5py.File) -> None:
+        """Read a few patches spread over the file (both modalities) and refuse values outside
+        [0, 1] (by more than VALUE_MARGIN) or non-finite: the losses assume [0, 1] images, and
+        a file of 0-255 values would otherwise train on nonsense. Every patch read later is
+        checked the same way (`_read`)."""
+        n = len(self._keys)
+        for i in sorted(set(np.linspace(0, n - 1, min(n, VALUE_SAMPLE)).round().astype(int))):
+            for group in (IR_GROUP, VI_GROUP):
+                self._read(f, group, self._keys[i])
 
     # h5py handles must not cross process boundaries: drop on pickle, reopen lazily.
     def __getstate__(self):
@@ -186,6 +226,12 @@ class H5PairSource:
             raise BadPatchError(
                 f"{self.path}: patch {name} has {int(arr.size - finite.sum())} non-finite "
                 f"value(s) (NaN/inf) out of {arr.size}; re-create the file with train.prepare")
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo < -VALUE_MARGIN or hi > 1 + VALUE_MARGIN:
+            hint = " (0-255 values? train.prepare divides by 255)" if hi > 2 else ""
+            raise BadPatchError(
+                f"{self.path}: patch {name} has values in [{lo:.4g}, {hi:.4g}], expected [0, 1]"
+                f"{hint}; re-create the file with train.prepare")
         return arr[0, :, :, None].astype(np.float32, copy=False)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:

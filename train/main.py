@@ -5,7 +5,11 @@
 
 --config takes a config file; a bare name (msrs.py, smoke.py) is looked up in train/configs/.
 Any field can be overridden with --config.FIELD=VALUE (e.g. --config.batch_size=12).
-A workdir that already holds checkpoints is resumed from its latest step.
+A workdir that already holds checkpoints is resumed from its latest step. The workdir records
+its config (config.json) and a resume with a different one is refused, except for the keys
+that only say how long to train and how often to log/save (num_epochs, max_steps, cadences,
+progress, distributed address); --allow_config_change resumes anyway and records the new one.
+One trainer per workdir (WORKDIR/train.lock). Bad config values are all listed at once (exit 2).
 Compiled steps are cached on disk ($SMFNET_JAX_CACHE, default ~/.cache/smfnet_jax/xla; "off"
 disables). absl's --verbosity=0 shows orbax's INFO logs (hidden by default).
 Multi-host: --config.distributed.coordinator_address=HOST:PORT
@@ -50,21 +54,71 @@ def _define_flags():
         lock_config=True)
     flags.DEFINE_string("workdir", None, "where checkpoints, metrics.jsonl, TensorBoard events "
                         "and sample images go; resumed if it holds checkpoints")
+    flags.DEFINE_bool("allow_config_change", False, "resume even though the config differs from "
+                      "the one recorded in WORKDIR/config.json (the new one is then recorded)")
     flags.mark_flags_as_required(["config", "workdir"])
     return flags.FLAGS
 
 
-def run(cfg, workdir: str) -> int:
-    from train.data import BadPatchError, MissingDatasetError
+def _load_config_module(path: str):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_smfnet_train_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def unknown_overrides(argv: list[str]) -> list[str]:
+    """One line per `--config.KEY=...` naming a key the config does not have (config_flags
+    would end in a traceback). Empty when the config file cannot be loaded here: then
+    config_flags reports that itself."""
+    from train.configs.validate import as_dict, flatten, unknown_key_message
+    config_arg = None
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            config_arg = argv[i + 1]
+        elif arg.startswith("--config="):
+            config_arg = arg.split("=", 1)[1]
+    if config_arg is None:
+        return []
+    path, _, extra = config_arg.partition(":")
+    try:
+        module = _load_config_module(path)
+        cfg = module.get_config(extra) if extra else module.get_config()
+        known = flatten(as_dict(cfg))
+    except Exception:  # noqa: BLE001 - config_flags will report a broken config file
+        return []
+    prefixes = {k.rsplit(".", i)[0] for k in known for i in range(k.count(".") + 1)}
+    out = []
+    for arg in argv:
+        if arg.startswith("--config.") or arg.startswith("--noconfig."):
+            key = arg.split(".", 1)[1].split("=", 1)[0]
+            if key not in known and key not in prefixes:
+                out.append(unknown_key_message(key, sorted(known)) + f" (in {arg})")
+    return out
+
+
+def run(cfg, workdir: str, allow_config_change: bool = False) -> int:
+    from train.configs.validate import ConfigError, missing_data
+    from train.data import MSRS_HELP, BadPatchError, MissingDatasetError
     from train.trainer import Trainer, TrainingError, init_distributed
+    from train.workdir import WorkdirError
+    try:
+        from train.configs.validate import check_config
+        check_config(cfg)  # before joining other processes: a bad value stops every one alike
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        if missing_data(e.problems):
+            print(MSRS_HELP, file=sys.stderr)
+        return 2
     init_distributed(cfg)
     try:
-        trainer = Trainer(cfg, workdir)
-        if trainer.start_step >= trainer.total_steps:
-            print(f"{workdir}: already trained to step {trainer.start_step}", file=sys.stderr)
-            return 0
-        last = trainer.run()
-    except (MissingDatasetError, BadPatchError, TrainingError) as e:
+        with Trainer(cfg, workdir, allow_config_change=allow_config_change) as trainer:
+            if trainer.start_step >= trainer.total_steps:
+                print(f"{workdir}: already trained to step {trainer.start_step}", file=sys.stderr)
+                return 0
+            last = trainer.run()
+    except (MissingDatasetError, BadPatchError, TrainingError, WorkdirError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if last:
@@ -78,6 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     configure_xla_cpu()  # memory-optimised XLA:CPU scheduler; must precede any JAX work
     from absl import app
     argv = resolve_config_arg(list(sys.argv if argv is None else argv))
+    unknown = unknown_overrides(argv[1:])
+    if unknown:
+        for line in unknown:
+            print(f"error: {line}", file=sys.stderr)
+        return 2
     flags = _define_flags()
     if any(a in ("-h", "--help", "--helpshort") for a in argv[1:]):
         print(__doc__)
@@ -90,13 +149,13 @@ def main(argv: list[str] | None = None) -> int:
             logging.set_verbosity(logging.WARNING)
         from smfnet_jax.runtime import enable_compilation_cache
         enable_compilation_cache()  # a rerun (or resume) skips the minute-long compiles
-        result["rc"] = run(flags.config, flags.workdir)
+        result["rc"] = run(flags.config, flags.workdir, flags.allow_config_change)
 
     try:
         app.run(_main, argv=argv)
     except SystemExit as e:
-        if e.code not in (None, 0):
-            raise
+        if e.code not in (None, 0):  # absl has printed the flag error (bad value, unknown flag)
+            return 2
     return result["rc"]
 
 

@@ -88,11 +88,17 @@ def is_finite_number(x) -> bool:
 
 # --------------------------------------------------------------------------- the trainer
 class Trainer:
-    def __init__(self, cfg, workdir: str | os.PathLike):
+    """One training run in `workdir`. Holds the workdir's lock from construction to `close()`
+    (also a context manager); the process's exit releases it too, however it ends."""
+
+    def __init__(self, cfg, workdir: str | os.PathLike, allow_config_change: bool = False):
+        from train.configs.validate import check_config
+        check_config(cfg)  # ConfigError listing every problem, before anything is touched
         self.cfg = cfg
         self.workdir = Path(workdir).absolute()
         self.is_main = jax.process_index() == 0
-        self.mesh = make_mesh()
+        self.lock = None
+        self.ckpt = None
         n_dev = jax.device_count()
         if cfg.batch_size % n_dev:
             raise TrainingError(f"batch_size {cfg.batch_size} is not divisible by the {n_dev} devices")
@@ -100,7 +106,45 @@ class Trainer:
             train_step_lib.resolve_microbatches(cfg.microbatches, cfg.batch_size)
         except ValueError as e:
             raise TrainingError(str(e)) from None
+        self.mesh = make_mesh()
+        try:
+            self._claim_workdir(allow_config_change)
+            self._build()
+        except BaseException:
+            self.close()
+            raise
 
+    def _claim_workdir(self, allow_config_change: bool) -> None:
+        """Process 0 takes the lock and records or compares the config; every process learns
+        whether that worked, so none is left waiting for a process 0 that stopped."""
+        from train.workdir import WorkdirError, WorkdirLock, reconcile_config
+        error = None
+        if self.is_main:
+            try:
+                self.lock = WorkdirLock(self.workdir).acquire()
+                if self.lock.took_over:
+                    print(f"note: took over the lock of {self.workdir}, left by "
+                          f"pid {self.lock.took_over.get('pid')} (no longer running)", file=sys.stderr)
+                reconcile_config(self.workdir, self.cfg, self._latest_step_on_disk(),
+                                 allow_change=allow_config_change)
+            except WorkdirError as e:
+                error = e
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            ok = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+            if not ok and error is None:
+                error = WorkdirError(f"process 0 could not start on {self.workdir}; its output says why")
+        if error is not None:
+            raise error
+
+    def _latest_step_on_disk(self) -> int | None:
+        import orbax.checkpoint as ocp
+        directory = self.workdir / CHECKPOINT_SUBDIR
+        steps = ocp.utils.checkpoint_steps(directory) if directory.is_dir() else []
+        return max(steps) if steps else None
+
+    def _build(self) -> None:
+        cfg = self.cfg
         self.source = open_data(cfg)
         from train.data import steps_per_epoch
         spe = steps_per_epoch(self.source, cfg.batch_size)
@@ -120,6 +164,22 @@ class Trainer:
         self._fuse_sample = nnx.jit(lambda m, vi, ir: m.fuse(vi, ir))
         self.ckpt = self._checkpoint_manager()
         self.start_step = self._maybe_restore()
+
+    def close(self) -> None:
+        """Wait for pending checkpoint writes, then release the workdir (idempotent)."""
+        try:
+            if self.ckpt is not None:
+                self.ckpt.wait_until_finished()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+                self.lock = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     # ------------------------------------------------------------------ construction
     def _initial_model(self):
@@ -181,7 +241,7 @@ class Trainer:
     def run(self, progress: bool | None = None) -> dict:
         cfg = self.cfg
         progress = cfg.progress if progress is None else progress
-        logger = MetricsLogger(self.workdir, enabled=self.is_main)
+        logger = MetricsLogger(self.workdir, enabled=self.is_main, start_step=self.start_step)
         bar = None
         if progress and self.is_main:
             from tqdm import tqdm
@@ -244,17 +304,25 @@ class Trainer:
 class MetricsLogger:
     """WORKDIR/metrics.jsonl (one JSON object per logged step) and TensorBoard events."""
 
-    def __init__(self, workdir: Path, enabled: bool):
+    def __init__(self, workdir: Path, enabled: bool, start_step: int = 0):
+        """start_step: the step the run starts from; rows and events logged after it by an
+        earlier run (killed between checkpoints) are dropped, as they are about to be redone."""
         self.enabled = enabled
         self.tb = None
         if not enabled:
             return
+        from train.workdir import METRICS_NAME, truncate_metrics
         workdir.mkdir(parents=True, exist_ok=True)
-        self.path = workdir / "metrics.jsonl"
+        self.path = workdir / METRICS_NAME
+        dropped = truncate_metrics(self.path, start_step)
+        if dropped:
+            print(f"note: dropped {dropped} row(s) after step {start_step} from {self.path} "
+                  "(logged after the checkpoint this run starts from)", file=sys.stderr)
         self.file = open(self.path, "a", encoding="utf-8")
         try:
             from tensorboardX import SummaryWriter
-            self.tb = SummaryWriter(str(workdir / "tensorboard"))
+            # purge_step: TensorBoard hides the earlier files' events from this step on.
+            self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=start_step + 1)
         except ImportError:  # TensorBoard is optional; metrics.jsonl is the record
             self.tb = None
 

@@ -1,0 +1,235 @@
+"""What a training workdir holds besides checkpoints: the lock, the recorded config, the logs.
+
+* `WorkdirLock`: one trainer per workdir. ``WORKDIR/train.lock`` is held with `fcntl.flock`
+  (the kernel drops it when its holder dies, even by SIGKILL) and names its holder
+  (``{"pid", "host", "started"}``) for the message a second trainer gets.
+* `reconcile_config`: ``WORKDIR/config.json`` records the config of the run; a resume
+  compares against it.
+* `truncate_metrics`: a resume drops the ``metrics.jsonl`` rows logged after the restored
+  checkpoint, so every step has exactly one row.
+"""
+from __future__ import annotations
+
+import datetime
+import errno
+import fcntl
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+from smfnet_jax.fileio import atomic_write, atomic_write_json
+from train.configs.validate import as_dict, flatten
+
+LOCK_NAME = "train.lock"
+CONFIG_NAME = "config.json"
+CONFIG_HISTORY = "config_history"
+METRICS_NAME = "metrics.jsonl"
+
+# Keys a resume may change without --allow_config_change: how long to train, and how often to
+# log, save and show progress; and the distributed address, which is per launch. Everything
+# else changes what the restored state means (data, order, schedule, optimiser, model).
+RESUMABLE_KEYS = frozenset({
+    "num_epochs", "max_steps", "checkpoint_every_steps", "keep_checkpoints", "log_every_steps",
+    "sample_every_epochs", "progress", "distributed.coordinator_address",
+    "distributed.process_id", "distributed.cpu_collectives",
+})
+
+
+class WorkdirError(RuntimeError):
+    """The workdir cannot be used as asked (locked, or recorded with another config)."""
+
+
+# --------------------------------------------------------------------------- the lock
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def _describe(holder: dict) -> str:
+    return (f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')} "
+            f"(started {holder.get('started', '?')})")
+
+
+class WorkdirLock:
+    """Exclusive use of a workdir by this process. `acquire()` raises `WorkdirError` naming
+    the holder when another trainer has it; `release()` (idempotent) frees it.
+
+    flock alone decides on one host. The holder's record decides what flock cannot see: a
+    lock file naming another host whose flock we nevertheless got (a network file system
+    without shared locks) is not taken over, since we cannot tell whether that trainer is
+    alive; a record naming a dead pid of this host is a crash's leftover, taken over with a
+    notice."""
+
+    def __init__(self, workdir: str | os.PathLike):
+        self.path = Path(workdir) / LOCK_NAME
+        self.fd: int | None = None
+        self.took_over: dict | None = None  # the stale holder replaced, if any
+
+    def _read_holder(self) -> dict:
+        try:
+            text = os.pread(self.fd, 4096, 0).decode("utf-8", "replace") if self.fd is not None \
+                else self.path.read_text(encoding="utf-8", errors="replace")
+            return json.loads(text) if text.strip() else {}
+        except (OSError, ValueError):
+            return {"pid": "?", "host": "?", "started": "? (unreadable lock file)"}
+
+    def acquire(self) -> "WorkdirLock":
+        if self.fd is not None:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise
+                holder = self._read_holder()
+                raise WorkdirError(
+                    f"{self.path.parent} is in use by another trainer: {_describe(holder)}; "
+                    "wait for it to finish or use another --workdir") from None
+            # The holder before us may have unlinked the file between our open and flock:
+            # then we hold a lock on a deleted file; start again on the current one.
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        self.fd = fd
+        holder = self._read_holder()
+        me = socket.gethostname()
+        if holder and holder.get("pid") != "?" and holder.get("host") not in (None, me):
+            self.fd = None
+            os.close(fd)
+            raise WorkdirError(
+                f"{self.path.parent} is locked by a trainer on another host: {_describe(holder)}; "
+                f"if you know it is no longer running, delete {self.path} and start again")
+        pid = holder.get("pid")
+        if holder and isinstance(pid, int) and pid != os.getpid() and _pid_alive(pid) \
+                and holder.get("host") == me:
+            # flock is ours yet the holder lives: a file system without flock (some FUSE
+            # mounts), or the pid was reused. Do not guess: let the user decide.
+            self.fd = None
+            os.close(fd)
+            raise WorkdirError(
+                f"{self.path.parent} is locked by {_describe(holder)}, which is still running; "
+                f"if it is not a trainer, delete {self.path} and start again")
+        if holder:
+            self.took_over = holder
+        record = {"pid": os.getpid(), "host": me,
+                  "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(record) + "\n").encode("utf-8"), 0)
+        os.fsync(fd)
+        return self
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        fd, self.fd = self.fd, None
+        try:  # unlink before unlocking: a waiter then sees a fresh file, not our stale record
+            self.path.unlink(missing_ok=True)
+        finally:
+            os.close(fd)  # drops the flock
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+# --------------------------------------------------------------------------- the config record
+def config_record(cfg) -> dict:
+    """The config as JSON-able plain data (tuples become lists, as after a JSON round trip)."""
+    return json.loads(json.dumps(as_dict(cfg), sort_keys=True, default=str))
+
+
+def config_differences(old: dict, new: dict) -> list[tuple[str, object, object]]:
+    """[(dotted key, old value, new value)], '(absent)' for a key one side lacks."""
+    a, b = flatten(old), flatten(new)
+    absent = "(absent)"
+    return [(k, a.get(k, absent), b.get(k, absent)) for k in sorted(set(a) | set(b))
+            if a.get(k, absent) != b.get(k, absent)]
+
+
+def reconcile_config(workdir: str | os.PathLike, cfg, restored_step: int | None,
+                     allow_change: bool = False, log=None) -> list[str]:
+    """Record `cfg` in WORKDIR/config.json, or compare it with the recorded one on a resume.
+
+    restored_step: the checkpoint the run resumes from (None: a fresh start, whose config is
+    simply recorded). A resume whose config differs in keys outside `RESUMABLE_KEYS` raises
+    `WorkdirError` naming every difference, unless `allow_change`. Any accepted difference is
+    recorded: the old config goes to WORKDIR/config_history/step_<N>.json, the new one to
+    config.json. Returns the differences as "key: old -> new" lines."""
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    workdir = Path(workdir)
+    path = workdir / CONFIG_NAME
+    new = config_record(cfg)
+    if restored_step is None or not path.is_file():
+        if restored_step is not None:
+            log(f"note: {workdir} has checkpoints but no {CONFIG_NAME} (made before configs were "
+                "recorded); recording the current config")
+        atomic_write_json(path, new, sort_keys=True)
+        return []
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise WorkdirError(f"{path}: unreadable recorded config ({e}); fix or delete it to "
+                           "record the current one") from None
+    diffs = config_differences(old, new)
+    lines = [f"{k}: {o!r} -> {n!r}" for k, o, n in diffs]
+    if not diffs:
+        return []
+    refused = [line for (k, _, _), line in zip(diffs, lines) if k not in RESUMABLE_KEYS]
+    if refused and not allow_change:
+        raise WorkdirError(
+            f"{workdir} was trained to step {restored_step} with another config; resuming with "
+            f"this one would mix the two. Differences:\n" + "\n".join(f"  {x}" for x in refused) +
+            "\nUse the recorded values, another --workdir, or --allow_config_change to resume "
+            "anyway (the new config is then recorded)")
+    atomic_write_json(workdir / CONFIG_HISTORY / f"step_{restored_step:08d}.json", old, sort_keys=True)
+    atomic_write_json(path, new, sort_keys=True)
+    log(f"config changed since the last run (old one kept in {workdir / CONFIG_HISTORY}):\n" +
+        "\n".join(f"  {x}" for x in lines))
+    return lines
+
+
+# --------------------------------------------------------------------------- the logs
+def truncate_metrics(path: str | os.PathLike, step: int) -> int:
+    """Drop the rows of a metrics.jsonl with step > `step` (logged after the checkpoint a run
+    resumes from, and about to be logged again) and any torn last line; rewritten atomically
+    only when something is dropped. Returns the number of lines dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+            keep = int(row["step"]) <= step
+        except (ValueError, KeyError, TypeError):  # a line torn by a kill mid-write
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        text = "".join(line + "\n" for line in kept)
+        atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    return dropped
+
+
+__all__ = ["WorkdirLock", "WorkdirError", "reconcile_config", "config_differences",
+           "config_record", "truncate_metrics", "RESUMABLE_KEYS", "LOCK_NAME", "CONFIG_NAME",
+           "CONFIG_HISTORY", "METRICS_NAME"]
