@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from smfnet_jax.fileio import atomic_write_json
+from smfnet_jax.cli import program_name
 from tqdm import tqdm
 
 from smfnet_jax.imageio import IMAGE_EXTENSIONS, match_by_stem, natural_key, read_gray
@@ -176,7 +177,7 @@ def _ssim_range(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m infer.evaluate",
+        prog=program_name("infer.evaluate"),
         description="Score fused images with EN, SD, SF, AG, MI, SCD, VIF, Qabf, SSIM, MSE, "
                     "CC and PSNR exactly as the CDDFuse/SMFNet Evaluator.py defines them. "
                     "Images are matched by file name stem across the three folders.",
