@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import tomllib
 from pathlib import Path
 
@@ -138,7 +139,21 @@ def test_private_dir_refuses_a_symlink_and_a_file(tmp_path):
     assert conftest.private_dir(tmp_path / "file") is None
 
 
-def test_session_cache_dir_is_private():
-    path = Path(os.environ["JAX_COMPILATION_CACHE_DIR"])
-    st = path.lstat()
-    assert st.st_uid == os.getuid() and st.st_mode & 0o077 == 0, (path, oct(st.st_mode))
+def test_test_cache_dir_is_per_user_and_private(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = Path(conftest._test_cache_dir())
+    assert path == tmp_path / "smfnet_jax" / "test_xla"
+    assert path.stat().st_mode & 0o777 == 0o700
+
+
+def test_test_cache_dir_falls_back_when_not_ours(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    (tmp_path / "smfnet_jax" / "test_xla").mkdir(parents=True)
+    monkeypatch.setattr(os, "getuid", lambda: os.stat(tmp_path).st_uid + 1)
+    path = Path(conftest._test_cache_dir())
+    try:
+        assert path.parent == Path(tempfile.gettempdir()) and path.name.startswith("smfnet_jax_test_xla_")
+        assert path.stat().st_mode & 0o777 == 0o700
+        assert "is not a private directory of ours" in capsys.readouterr().err
+    finally:
+        path.rmdir()

@@ -80,9 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     from smfnet_jax.runtime import configure_xla_cpu
     configure_xla_cpu()  # memory-optimised XLA:CPU scheduler; must precede any JAX work
     from absl import app
-    from smfnet_jax.cli import program_name
     argv = resolve_config_arg(list(sys.argv if argv is None else argv))
-    argv[0] = program_name("train.main")  # absl's usage line shows argv[0]
     flags = _define_flags()
     wants_help = any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv[1:])
     if wants_help:
