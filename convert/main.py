@@ -24,10 +24,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from smfnet_jax.cli import program_name
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m convert.main",
+        prog=program_name("convert.main"),
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--pth", type=Path, help="reference checkpoint to read (torch zip format)")

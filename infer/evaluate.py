@@ -30,6 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from infer.common import add_scale16_argument, json_out_problem, plain_warnings
+from smfnet_jax.cli import program_name
 from smfnet_jax.fileio import atomic_write_json
 from smfnet_jax.imageio import IMAGE_EXTENSIONS, match_by_stem, natural_key, read_gray
 from smfnet_jax.metrics import METRIC_NAMES, evaluate_pair
@@ -180,7 +181,7 @@ def _ssim_range(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m infer.evaluate",
+        prog=program_name("infer.evaluate"),
         description="Score fused images with EN, SD, SF, AG, MI, SCD, VIF, Qabf, SSIM, MSE, "
                     "CC and PSNR exactly as the CDDFuse/SMFNet Evaluator.py defines them. "
                     "Images are matched by file name stem across the three folders.",

@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from infer.common import add_scale16_argument, json_out_problem, plain_warnings, writable_folder_problem
 from smfnet_jax.backend import IMPL_HELP
+from smfnet_jax.cli import program_name
 from smfnet_jax.imageio import (
     IMAGE_EXTENSIONS,
     ImageReadError,
@@ -325,7 +326,7 @@ def same_size_batches(pairs: Iterable[Pair], size: int, failed: Callable[[Pair, 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m infer.main",
+        prog=program_name("infer.main"),
         description="Fuse infrared/visible (or MRI/PET, MRI/SPECT, MRI/CT) image pairs with SMFNet. "
                     "Pairs are matched by file stem; PNG, JPEG, BMP, TIFF and PNM files (8- or 16-bit, "
                     "1 or 3 channels) are read.",

@@ -21,21 +21,19 @@ def _crop(src, dst):
     Image.fromarray(img[y0:y0 + H, x0:x0 + W]).save(dst)
 
 
-def test_cli_fuses_like_the_reference(shared_dir, tmp_path, capsys):
+def test_cli_fuses_like_the_reference(shared_dir, fixture_pth, reference_arrays, tmp_path, capsys):
     ir_dir, vi_dir, out = tmp_path / "ir", tmp_path / "vi", tmp_path / "out"
     ir_dir.mkdir()
     vi_dir.mkdir()
     for stem in ("01", "02"):
         _crop(shared_dir / f"data/TNO/ir/{stem}.png", ir_dir / f"{stem}.png")
         _crop(shared_dir / f"data/TNO/vi/{stem}.png", vi_dir / f"{stem}.png")
-    ckpt = shared_dir / "fixtures/parity/smfnet_random_init.pth"
-    rc = main(["--ckpt", str(ckpt), "--ir", str(ir_dir), "--vi", str(vi_dir), "--out", str(out),
-               "--save-npy", "--grid"])
+    rc = main(["--ckpt", str(fixture_pth), "--ir", str(ir_dir), "--vi", str(vi_dir),
+               "--out", str(out), "--save-npy", "--grid"])
     assert rc == 0
     first = capsys.readouterr().err.splitlines()[0]
-    assert first.startswith("device ") and f"checkpoint {ckpt} (.pth file)" in first
-    with np.load(shared_dir / "fixtures/parity/reference.npz") as z:
-        ref = z["fused"][:, 0]
+    assert first.startswith("device ") and f"checkpoint {fixture_pth} (.pth file)" in first
+    ref = reference_arrays["fused"][:, 0]
     for i, stem in enumerate(("01", "02")):
         raw = np.load(out / f"{stem}.npy")
         assert raw.dtype == np.float32 and raw.shape == (H, W)

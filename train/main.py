@@ -1,6 +1,7 @@
 """Train SMFNet.
 
   python -m train.main --config smoke.py --workdir /tmp/w                # synthetic data, minutes
+  smfnet-train --config smoke.py --workdir /tmp/w                        # the same, installed
   python -m train.main --config msrs.py --workdir runs/msrs --config.data.h5=data/msrs_train.h5
 
 --config takes a config file; a bare name (msrs.py, smoke.py) is looked up in train/configs/.
@@ -128,6 +129,8 @@ def run(cfg, workdir: str, allow_config_change: bool = False) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Here rather than under __main__ so the smfnet-train console script gets it too.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     from smfnet_jax.runtime import configure_xla_cpu
     configure_xla_cpu()  # memory-optimised XLA:CPU scheduler; must precede any JAX work
     from absl import app
@@ -138,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {line}", file=sys.stderr)
         return 2
     flags = _define_flags()
-    if any(a in ("-h", "--help", "--helpshort") for a in argv[1:]):
+    wants_help = any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv[1:])
+    if wants_help:
         print(__doc__)
     result = {"rc": 0}
 
@@ -154,11 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app.run(_main, argv=argv)
     except SystemExit as e:
+        if wants_help:
+            return 0  # absl exits 1 after printing the help that was asked for
         if e.code not in (None, 0):  # absl has printed the flag error (bad value, unknown flag)
             return 2
     return result["rc"]
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     sys.exit(main())

@@ -43,6 +43,7 @@ import numpy as np
 from tqdm import tqdm
 
 from smfnet_jax.fileio import atomic_path
+from smfnet_jax.cli import program_name
 from smfnet_jax.imageio import ImageReadError, match_by_stem, read_image
 
 IR_GROUP = "ir_patchs"
@@ -208,7 +209,7 @@ def prepare(src: str | os.PathLike, out: str | os.PathLike, patch: int = 128, st
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m train.prepare",
+        prog=program_name("train.prepare"),
         description="Cut infrared/visible pairs (SRC/ir, SRC/vi, matched by file name) into "
                     "training patches in one H5 file (groups ir_patchs/vis_patchs), as the "
                     "SMFNet reference's dataprocessing.py.")
