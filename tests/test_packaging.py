@@ -27,6 +27,33 @@ def test_console_script_resolves_to_a_callable(script):
     assert callable(getattr(importlib.import_module(module), attr)), script
 
 
+def test_floor_pins_are_pyprojects_floors():
+    """Every runtime and [test] requirement's floor is pinned, at that version, in
+    .ci/constraints-min.txt (the floor venv of .ci/run tests exactly what pyproject claims)."""
+    import re
+    pins = {}
+    for line in (ROOT / ".ci/constraints-min.txt").read_text().splitlines():
+        spec = line.split("#", 1)[0].strip()
+        if spec:
+            name, _, version = spec.partition("==")
+            pins[name.strip().lower().replace("_", "-")] = version.strip()
+    reqs = PYPROJECT["project"]["dependencies"] + PYPROJECT["project"]["optional-dependencies"]["test"]
+    floors = {}
+    for req in reqs:
+        m = re.fullmatch(r"\s*([A-Za-z0-9_.-]+)\s*>=\s*([0-9][^,;\s]*)\s*", req.split(";")[0])
+        assert m, f"requirement without a plain floor: {req!r}"
+        floors[m.group(1).lower().replace("_", "-")] = m.group(2)
+    def same(a, b):  # 3.11 == 3.11.0
+        def norm(v):
+            parts = v.split(".")
+            while len(parts) > 1 and parts[-1] == "0":
+                parts.pop()
+            return parts
+        return a is not None and norm(a) == norm(b)
+    missing = {n: v for n, v in floors.items() if not same(pins.get(n), v)}
+    assert not missing, f"floors not pinned as in pyproject: {missing} (pins: {pins})"
+
+
 def test_console_script_names_itself_in_usage(monkeypatch):
     from smfnet_jax.cli import program_name
     monkeypatch.setattr(sys, "argv", ["/venv/bin/smfnet-fuse", "--help"])
