@@ -27,10 +27,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from tqdm import tqdm
 
 from infer.common import add_scale16_argument, json_out_problem, plain_warnings
-from smfnet_jax.cli import program_name
+from smfnet_jax.cli import Progress, program_name
 from smfnet_jax.fileio import atomic_write_json
 from smfnet_jax.imageio import IMAGE_EXTENSIONS, match_by_stem, natural_key, read_gray
 from smfnet_jax.metrics import METRIC_NAMES, evaluate_pair
@@ -100,9 +99,7 @@ def evaluate_folders(ir_dir, vi_dir, fused_dir, ssim_range: float = 255.0, worke
     """
     triplets, problems = _match_triplets(ir_dir, vi_dir, fused_dir)
     results: Results = {}
-    # disable=None: tqdm shows the bar only on a terminal
-    bar = tqdm(total=len(triplets), desc="evaluating", unit="pair", file=sys.stderr,
-               dynamic_ncols=True, disable=None if progress else True)
+    bar = Progress(len(triplets), "evaluating", "pair", enabled=progress)
 
     def job(t):
         stem, ir_p, vi_p, fu_p = t
@@ -117,7 +114,7 @@ def evaluate_folders(ir_dir, vi_dir, fused_dir, ssim_range: float = 255.0, worke
                 results[stem] = metrics
             else:
                 problems.append((stem, reason))
-                bar.write(f"skipped {stem}: {reason}", file=sys.stderr)
+                bar.write(f"skipped {stem}: {reason}")
             bar.update(1)
     bar.close()
     return results, _sorted_messages(problems)

@@ -25,7 +25,8 @@ smfnet_jax.inference.plan_tile). A pair too large to fuse whole is fused in tile
 notice; one too large even for tiles is reported and skipped.
 
 Progress: a bar on a terminal; otherwise (a log file, CI) a plain line after the first pair
-and then at most every PLAIN_PROGRESS_S seconds. Failures and the summary are always printed.
+and then at most every PLAIN_PROGRESS_S seconds (smfnet_jax.cli.Progress). Failures and the
+summary are always printed.
 """
 from __future__ import annotations
 
@@ -39,11 +40,10 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
-from tqdm import tqdm
 
 from infer.common import add_scale16_argument, json_out_problem, plain_warnings, writable_folder_problem
 from smfnet_jax.backend import IMPL_HELP
-from smfnet_jax.cli import program_name
+from smfnet_jax.cli import Progress, program_name
 from smfnet_jax.imageio import (
     IMAGE_EXTENSIONS,
     ImageReadError,
@@ -423,29 +423,14 @@ def run(args, fuser: Callable | None = None) -> int:
         print(f"skipped {f.name}: {f.reason}", file=sys.stderr)
 
     fused_names, times = [], []
-    # disable=None: a bar only on a terminal; elsewhere plain lines (below)
-    bar = tqdm(total=len(pairs), desc="fusing", unit="pair", file=sys.stderr, dynamic_ncols=True,
-               disable=None)
-    say = lambda text: tqdm.write(text, file=sys.stderr)  # noqa: E731  (above the bar)
+    bar = Progress(len(pairs), "fusing", "pair", every_s=PLAIN_PROGRESS_S)
     plan = memory_plan(available_memory() if pairs else None, args.tile, args.dtype,
-                       lambda text: say(f"notice: {text}"))
-    progress = {"done": 0, "last_line": -float("inf")}  # a disabled bar counts nothing
-    start = time.perf_counter()
-
-    def advance(name: str) -> None:
-        bar.update(1)
-        progress["done"] += 1
-        now = time.perf_counter()
-        if bar.disable and (now - progress["last_line"] >= PLAIN_PROGRESS_S
-                            or progress["done"] == len(pairs)):
-            progress["last_line"] = now
-            print(f"fusing: {progress['done']}/{len(pairs)} pairs ({now - start:.0f} s), last {name}",
-                  file=sys.stderr, flush=True)
+                       lambda text: bar.write(f"notice: {text}"))
 
     def failed(pair: Pair, e: PairError) -> None:
         failures.append(Failure(pair.name, str(e)))
-        say(f"failed {pair.name}: {e}")
-        advance(pair.name)
+        bar.write(f"failed {pair.name}: {e}")
+        bar.update(1, f"last {pair.name}")
 
     def load(pair: Pair) -> LoadedPair:
         return load_pair(pair, args.scale16, plan)
@@ -465,10 +450,10 @@ def run(args, fuser: Callable | None = None) -> int:
                     continue
                 fused_names.append(loaded.pair.name)
                 done += 1
-                advance(loaded.pair.name)
             dt = (time.perf_counter() - t0) / len(batch)  # loading, fusion and writing, per pair
             times += [dt] * done
-            bar.set_postfix_str(f"{batch[-1].pair.name}: {dt:.2f} s/pair")
+            if done:
+                bar.update(done, f"last {fused_names[-1]}, {dt:.2f} s/pair")
             t0 = time.perf_counter()
     bar.close()
 

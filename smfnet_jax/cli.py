@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 
 def program_name(module: str) -> str:
@@ -15,3 +16,53 @@ def program_name(module: str) -> str:
     name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     name = name[:-4] if name.lower().endswith(".exe") else name  # Windows launchers
     return name if name.startswith("smfnet-") else f"python -m {module}"
+
+
+class Progress:
+    """A tqdm bar on a terminal; elsewhere (a log file, CI) plain lines instead of a bar's
+    carriage returns: one after the first item, then at most every `every_s` seconds, and
+    one after the last.
+
+    `update(n, status)`: n more items done; `status` (e.g. "loss 4.51, phase 2") is shown
+    in the bar's postfix or at the end of the plain line. `write(text)`: a message line that
+    does not break the bar. `enabled=False` shows no progress at all.
+    """
+
+    def __init__(self, total: int, desc: str, unit: str, *, initial: int = 0,
+                 every_s: float = 30.0, file=None, enabled: bool = True):
+        from tqdm import tqdm
+        self.file = file or sys.stderr
+        self.total, self.desc, self.unit, self.every_s = total, desc, unit, every_s
+        self.done = initial
+        self._start = time.perf_counter()
+        self._last = None  # no plain line yet
+        self.enabled = enabled  # False: neither bar nor plain lines (write() still prints)
+        self._bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=self.file,
+                         dynamic_ncols=True, disable=None if enabled else True)  # None: tty only
+
+    @property
+    def plain(self) -> bool:
+        return bool(self._bar.disable)
+
+    def write(self, text: str) -> None:
+        from tqdm import tqdm
+        tqdm.write(text, file=self.file)
+
+    def update(self, n: int = 1, status: str = "") -> None:
+        now = time.perf_counter()
+        self.done += n
+        self._bar.update(n)
+        if not self.enabled:
+            return
+        if not self.plain:
+            if status:
+                self._bar.set_postfix_str(status)
+            return
+        if self._last is None or now - self._last >= self.every_s or self.done >= self.total:
+            self._last = now
+            tail = f", {status}" if status else ""
+            print(f"{self.desc}: {self.done}/{self.total} {self.unit}s ({now - self._start:.0f} s)"
+                  f"{tail}", file=self.file, flush=True)
+
+    def close(self) -> None:
+        self._bar.close()

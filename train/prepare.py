@@ -43,7 +43,7 @@ import numpy as np
 from tqdm import tqdm
 
 from smfnet_jax.fileio import atomic_path
-from smfnet_jax.cli import program_name
+from smfnet_jax.cli import Progress, program_name
 from smfnet_jax.imageio import ImageReadError, match_by_stem, read_image
 
 IR_GROUP = "ir_patchs"
@@ -167,7 +167,7 @@ def prepare(src: str | os.PathLike, out: str | os.PathLike, patch: int = 128, st
     """Write the patch H5 for the pairs in `src` to `out`; see the module docstring."""
     if patch <= 0 or stride <= 0:
         raise PrepareError(f"patch and stride must be positive, got patch={patch}, stride={stride}")
-    log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
+    log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))  # above a progress bar
     out = Path(out)
     report = PrepareReport(out=out)
     pairs, problems = find_pairs(Path(src))
@@ -181,14 +181,14 @@ def prepare(src: str | os.PathLike, out: str | os.PathLike, patch: int = 128, st
     with atomic_path(out) as tmp_name:  # an interrupted run leaves no file under `out`
         with h5py.File(tmp_name, "w") as f:
             g_ir, g_vi = f.create_group(IR_GROUP), f.create_group(VI_GROUP)
-            for stem, ir_path, vi_path in tqdm(pairs, desc="pairs", unit="pair", disable=None if progress else True):
+
+            def add_pair(stem, ir_path, vi_path) -> None:
                 try:
                     ir, vi = load_pair(ir_path, vi_path)
                 except (ImageReadError, ValueError) as e:  # unreadable file, bad shape or type
-                    reason = str(e)
-                    log(f"skipping pair {stem}: {reason}")
-                    report.skipped.append((stem, reason))
-                    continue
+                    log(f"skipping pair {stem}: {e}")
+                    report.skipped.append((stem, str(e)))
+                    return
                 ir_p, vi_p = extract_patches(ir, patch, stride), extract_patches(vi, patch, stride)
                 keep = ~(low_contrast_mask(ir_p) | low_contrast_mask(vi_p))
                 report.pairs_used += 1
@@ -199,6 +199,12 @@ def prepare(src: str | os.PathLike, out: str | os.PathLike, patch: int = 128, st
                     g_ir.create_dataset(key, data=ir_p[i][None])
                     g_vi.create_dataset(key, data=vi_p[i][None])
                     report.patches_written += 1
+
+            bar = Progress(len(pairs), "pairs", "pair", enabled=progress)  # plain lines in a log
+            for stem, ir_path, vi_path in pairs:
+                add_pair(stem, ir_path, vi_path)
+                bar.update(1, f"last {stem}")
+            bar.close()
         if report.patches_written == 0:
             raise PrepareError(
                 f"no patches written: {report.pairs_used} usable pair(s) of {report.pairs_found}, "

@@ -243,11 +243,10 @@ class Trainer:
         progress = cfg.progress if progress is None else progress
         logger = MetricsLogger(self.workdir, enabled=self.is_main, start_step=self.start_step)
         bar = None
-        if progress and self.is_main:
-            from tqdm import tqdm
-            bar = tqdm(total=self.total_steps, initial=self.start_step, unit="step",
-                       dynamic_ncols=True, desc="train")
-        last = {}
+        if progress and self.is_main:  # a bar on a terminal, plain lines in a log
+            from smfnet_jax.cli import Progress
+            bar = Progress(self.total_steps, "train", "step", initial=self.start_step)
+        last, status = {}, ""
         try:
             for step in range(self.start_step, self.total_steps):
                 epoch = step // self.steps_per_epoch
@@ -270,14 +269,13 @@ class Trainer:
                     last = values
                     if log_now:
                         logger.log(values)
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{values['loss']:.4f}", phase=phase, epoch=epoch)
+                    status = f"loss {values['loss']:.4f}, phase {phase}, epoch {epoch}"
                 if save_now:
                     self.save(done)
                 if done % self.steps_per_epoch == 0 and (epoch + 1) % cfg.sample_every_epochs == 0:
                     self.write_sample(epoch, vi, ir)
                 if bar is not None:
-                    bar.update(1)
+                    bar.update(1, status)
         finally:
             if bar is not None:
                 bar.close()
