@@ -136,14 +136,11 @@ _TORCH_DTYPES = {
 _ML_DTYPES = {"bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz"}
 
 
-def _numpy_dtype(name: str) -> np.dtype:
-    """numpy dtype for a dtype name; bfloat16/float8 come from ml_dtypes (a jax dependency)."""
+def numpy_dtype(name: str) -> np.dtype:
+    """numpy dtype for a dtype name; bfloat16/float8 come from ml_dtypes (a dependency).
+    Shared by the .pth and .safetensors readers."""
     if name in _ML_DTYPES:
-        try:
-            import ml_dtypes
-        except ImportError as exc:  # pragma: no cover - ml_dtypes ships with jax
-            raise PthFormatError(
-                f"tensor dtype {name} needs the 'ml_dtypes' package (installed with jax)") from exc
+        import ml_dtypes
         return np.dtype(getattr(ml_dtypes, name))
     return np.dtype(name)
 
@@ -268,7 +265,7 @@ def _rebuild_tensor(storage, storage_offset, size, stride):
     if not isinstance(storage, _Storage) or storage.stype.dtype_name is None:
         raise _Invalid("_rebuild_tensor needs a typed storage")
     return _materialize(storage, storage_offset, size, stride,
-                        _numpy_dtype(storage.stype.dtype_name))
+                        numpy_dtype(storage.stype.dtype_name))
 
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
@@ -277,7 +274,7 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
         raise _Invalid("_rebuild_tensor_v2 needs a typed storage (torch.<X>Storage)")
     _check_hooks(backward_hooks)
     return _materialize(storage, storage_offset, size, stride,
-                        _numpy_dtype(storage.stype.dtype_name), metadata)
+                        numpy_dtype(storage.stype.dtype_name), metadata)
 
 
 def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks,
@@ -288,7 +285,7 @@ def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, bac
         raise _Invalid(f"_rebuild_tensor_v3 needs a torch dtype, got {dtype!r}")
     _check_hooks(backward_hooks)
     return _materialize(storage, storage_offset, size, stride,
-                        _numpy_dtype(dtype.dtype_name), metadata)
+                        numpy_dtype(dtype.dtype_name), metadata)
 
 
 def _rebuild_parameter(data, requires_grad, backward_hooks):
@@ -365,7 +362,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
                 raise _Invalid(f"storage data/{key} is referenced as both "
                                f"{known.stype.torch_name} and {stype.torch_name}")
             return known
-        itemsize = 1 if stype.dtype_name is None else _numpy_dtype(stype.dtype_name).itemsize
+        itemsize = 1 if stype.dtype_name is None else numpy_dtype(stype.dtype_name).itemsize
         raw = self._read_record(key, numel * itemsize)
         if len(raw) != numel * itemsize:
             what = "bytes" if stype.dtype_name is None else f"{stype.dtype_name} elements"

@@ -27,6 +27,7 @@ import numpy as np
 
 from smfnet_jax.fileio import atomic_write
 from smfnet_jax.torch_weights.limits import Budget
+from smfnet_jax.torch_weights.pth_io import numpy_dtype
 
 __all__ = ["SafetensorsError", "load_safetensors", "save_safetensors", "MAX_HEADER_BYTES"]
 
@@ -46,13 +47,6 @@ _NAMES = {v: k for k, v in _DTYPES.items()}
 
 class SafetensorsError(ValueError):
     """A .safetensors file that cannot be read (or a tree that cannot be written)."""
-
-
-def _numpy_dtype(name: str) -> np.dtype:
-    if name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
-        import ml_dtypes
-        return np.dtype(getattr(ml_dtypes, name))
-    return np.dtype(name)
 
 
 def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
@@ -167,7 +161,7 @@ def _check_entry(name, entry, data_size, bad):
     code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if code not in _DTYPES:
         raise bad(f"tensor {name}: unknown dtype {code!r} (known: {', '.join(_DTYPES)})")
-    dtype = _numpy_dtype(_DTYPES[code])
+    dtype = numpy_dtype(_DTYPES[code])
     if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
         raise bad(f"tensor {name}: shape {shape!r} is not a list of non-negative integers")
     if not (isinstance(offsets, list) and len(offsets) == 2
