@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from smfnet_jax.layers import (BatchNorm2d, Conv2d, LayerNorm, channel_attention, dense_conv, gelu,
-                               leaky_relu, normal_init, relu6)
+from smfnet_jax.layers import (BatchNorm2d, Conv2d, LayerNorm, channel_attention, conv_blocks,
+                               dense_conv_blocks, gelu, leaky_relu, normal_init, relu6)
 
 Array = jax.Array
 
@@ -40,8 +40,7 @@ class MDTA(nnx.Module):
         self.project_out = Conv2d(dim, dim, 1, bias=False, rngs=rngs)
 
     def __call__(self, x: Array) -> Array:
-        # q, k and v each through their own slices of the two convs: no 3C-channel tensor
-        q, k, v = (self.qkv_dw(self.qkv(x, out=s), out=s) for s in _channel_slices(x.shape[-1], 3))
+        q, k, v = conv_blocks([self.qkv, self.qkv_dw], x, 3)
         return channel_attention(q, k, v, self.temperature[...], self.heads, self.project_out)
 
 
@@ -59,13 +58,12 @@ class DenseAttention(nnx.Module):
         self.qkv1 = Conv2d(dim, 3 * dim, 1, bias=False, rngs=rngs)
         self.qkv2 = Conv2d(3 * dim, 3 * dim, 3, padding=1, bias=False, rngs=rngs)
         self.proj = Conv2d(dim, dim, 1, bias=False, rngs=rngs)
-        self.deterministic = False  # eval mode (model.eval()): picks the conv routine only
+        self.deterministic = False  # eval mode (model.eval()): how q/k/v are split, not what
 
     def __call__(self, x: Array) -> Array:
         kernel = jnp.einsum("io,hwom->hwim", self.qkv1.kernel[...][0, 0],
                             self.qkv2.kernel[...]).astype(x.dtype)
-        q, k, v = (dense_conv(x, kernel[..., s], padding=1, deterministic=self.deterministic)
-                   for s in _channel_slices(x.shape[-1], 3))
+        q, k, v = dense_conv_blocks(x, kernel, 3, padding=1, deterministic=self.deterministic)
         return channel_attention(q, k, v, self.scale[...], self.heads, self.proj)
 
 
@@ -240,7 +238,7 @@ class CrossAttention(nnx.Module):
 
     def __call__(self, guide: Array, other: Array) -> Array:
         q = self.q_dw(self.q(guide))
-        k, v = (self.kv_dw(self.kv(other, out=s), out=s) for s in _channel_slices(other.shape[-1], 2))
+        k, v = conv_blocks([self.kv, self.kv_dw], other, 2)
         return channel_attention(q, k, v, self.temperature[...], self.heads, self.project_out)
 
 
@@ -365,8 +363,7 @@ class ConvGRUCell(nnx.Module):
         self.candidate = Conv2d(2 * dim, dim, 1, kernel_init=normal, rngs=rngs)
 
     def __call__(self, x: Array, h: Array) -> Array:
-        reset, update = (jax.nn.sigmoid(self.gates([x, h], out=s))
-                         for s in _channel_slices(h.shape[-1], 2))
+        reset, update = (jax.nn.sigmoid(g) for g in conv_blocks([self.gates], [x, h], 2))
         c = jnp.tanh(self.candidate([x, reset * h]))
         return (1 - update) * h + update * c
 
@@ -611,11 +608,6 @@ class SMFNet(nnx.Module):
 def _sigmoid_f32(logits: Array) -> Array:
     """The output image, computed in float32 whatever the compute dtype (mixed precision)."""
     return jax.nn.sigmoid(logits.astype(jnp.float32))
-
-
-def _channel_slices(c: int, n: int) -> list[slice]:
-    """[0:c), [c:2c), ... : the n equal output-channel blocks of a conv with n*c outputs."""
-    return [slice(i * c, (i + 1) * c) for i in range(n)]
 
 
 def create_model(seed: int = 0) -> SMFNet:
