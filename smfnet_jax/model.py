@@ -352,9 +352,9 @@ class PPM(nnx.Module):
 class ConvGRUCell(nnx.Module):
     """1x1 ConvGRU: h' = (1 - u) * h + u * tanh(W [x, r * h]). Weights init N(0, 0.01).
 
-    The convs of the concatenations [x, h] and [x, r * h] are summed over their parts, and
-    the reset and update gates come from their own output channels (`Conv2d` parts and
-    slices): the same products without concatenated or split copies.
+    The convs of the concatenations [x, h] and [x, r * h] are summed over their parts (no
+    concatenated copies); the reset and update gates are the two halves of one conv's
+    output (`conv_blocks`).
     """
 
     def __init__(self, dim: int = 64, *, rngs: nnx.Rngs):

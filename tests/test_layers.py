@@ -1,6 +1,6 @@
-"""Conv2d's fast paths (shifted-sum depthwise, matmul 1x1, hand-written conv backward, padding
-inside the convolution in eval mode, convs of parts, output slices) and channel attention,
-against XLA's own convolution and the reference's order of operations."""
+"""Conv2d's fast paths (shifted-sum depthwise, matmul 1x1, hand-written conv backward, convs of
+parts, output slices, projections split into q/k/v per mode) and channel attention, against
+XLA's own convolution and the reference's order of operations."""
 from __future__ import annotations
 
 import jax
@@ -11,7 +11,7 @@ from flax import nnx
 
 from helpers import reference_channel_attention
 from smfnet_jax.backend import IMPL_ENV, use_impl
-from smfnet_jax.layers import Conv2d, channel_attention
+from smfnet_jax.layers import Conv2d, channel_attention, conv_blocks, dense_conv_blocks
 
 
 def xla_conv(x, kernel, pad, groups=1, dilation=1, reflect=False):
@@ -30,6 +30,8 @@ CASES = [  # cin, cout, k, pad, groups, dilation, pad_mode
     (8, 5, 1, 0, 1, 1, "zeros"),      # 1x1 as a matmul
     (4, 7, 3, 1, 1, 1, "zeros"),      # dense 3x3, hand-written backward
     (4, 5, 3, 4, 1, 4, "zeros"),      # dilated (graph PPM)
+    (4, 5, 3, 1, 1, 1, "reflect"),    # dense 3x3 with reflection: padded first, then 'valid'
+    (4, 5, 3, 0, 1, 1, "zeros"),      # 'valid' 3x3: input gradient padded by 2 inside the conv
 ]
 
 
@@ -81,6 +83,41 @@ def test_conv_of_parts_and_output_slices(k, pad, mode):
     dw = Conv2d(12, 12, 3, padding=1, groups=12, rngs=nnx.Rngs(3))
     np.testing.assert_allclose(dw(whole[..., 4:8], out=slice(4, 8)), dw(whole)[..., 4:8],
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["cpu", "xla"])
+def test_split_projections_same_in_train_and_eval(impl):
+    """conv_blocks / dense_conv_blocks: one conv sliced (train) or one conv per block (eval)
+    give the same q, k, v and the same gradients."""
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.standard_normal((2, 9, 8, 4)), jnp.float32)
+    qkv = Conv2d(4, 12, 1, rngs=nnx.Rngs(7))
+    dw = Conv2d(12, 12, 3, padding=1, groups=12, rngs=nnx.Rngs(8))
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 4, 12)), jnp.float32)
+
+    (gq, sq), (gd, sd) = nnx.split(qkv), nnx.split(dw)
+
+    def outputs(x, k1, k3, eval_mode):
+        q, d = nnx.merge(gq, sq), nnx.merge(gd, sd)
+        q.kernel = nnx.Param(k1)
+        for m in (q, d):
+            m.eval() if eval_mode else m.train()
+        return conv_blocks([q, d], x, 3) + dense_conv_blocks(x, k3, 3, padding=1,
+                                                            deterministic=eval_mode)
+
+    def loss(x, k1, k3, eval_mode):
+        return sum(jnp.sum(jnp.sin(o) * (i + 1)) for i, o in enumerate(outputs(x, k1, k3, eval_mode)))
+
+    k1 = qkv.kernel[...]
+    with use_impl(impl):
+        train, evals = outputs(x, k1, kernel, False), outputs(x, k1, kernel, True)
+        assert [o.shape for o in train] == [(2, 9, 8, 4)] * 6
+        for a, b in zip(train, evals):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        g_train = jax.grad(loss, argnums=(0, 1, 2))(x, k1, kernel, False)
+        g_eval = jax.grad(loss, argnums=(0, 1, 2))(x, k1, kernel, True)
+    for a, b in zip(g_train, g_eval):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("project", [None, "no bias", "bias"])
