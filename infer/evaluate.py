@@ -27,7 +27,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-
 from infer.common import add_scale16_argument, json_out_problem, plain_warnings
 from smfnet_jax.cli import Progress, program_name
 from smfnet_jax.fileio import atomic_write_json

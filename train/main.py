@@ -100,12 +100,11 @@ def unknown_overrides(argv: list[str]) -> list[str]:
 
 
 def run(cfg, workdir: str, allow_config_change: bool = False) -> int:
-    from train.configs.validate import ConfigError, missing_data
+    from train.configs.validate import ConfigError, check_config, missing_data
     from train.data import MSRS_HELP, BadPatchError, MissingDatasetError
     from train.trainer import Trainer, TrainingError, init_distributed
     from train.workdir import WorkdirError
     try:
-        from train.configs.validate import check_config
         check_config(cfg)  # before joining other processes: a bad value stops every one alike
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
