@@ -333,6 +333,14 @@ class BatchNorm2d(nnx.Module):
     Eval (`use_running_average=True`, set by `model.eval()`): running statistics. Train: batch
     statistics (biased variance) and a running-stat update with momentum 0.1 using the
     unbiased variance; `num_batches_tracked` is counted so the export is faithful.
+
+    In training the batch mean is refined by a second pass (mean + mean(x - mean)): a
+    float32 mean of thousands of values is off by ~eps * |mean|, which the output inherits
+    magnified by 1 / std, and the ReLU after every BatchNorm here decides its kink on that
+    output (PyTorch accumulates these statistics in float64). The output stays folded,
+    x * a + (bias - mean * a): the centred (x - mean) * a + bias, the same function, made
+    XLA:CPU compile the one-sample micro-batched train step wrong (gradients 0.3% off, the
+    same program run op by op is right; tests/test_train.py's sharded-step test catches it).
     """
 
     def __init__(self, dim: int, *, momentum: float = 0.1, eps: float = 1e-5):
@@ -350,7 +358,8 @@ class BatchNorm2d(nnx.Module):
             mean, var = self.mean[...], self.var[...]
         else:
             xf = x.astype(jnp.float32)
-            mean = jnp.mean(xf, axis=(0, 1, 2))
+            rough = jax.lax.stop_gradient(jnp.mean(xf, axis=(0, 1, 2)))
+            mean = rough + jnp.mean(xf - rough, axis=(0, 1, 2))   # d mean / dx = 1 / n, exactly
             var = jnp.mean(jnp.square(xf - mean), axis=(0, 1, 2))
             n = x.shape[0] * x.shape[1] * x.shape[2]
             unbiased = var * (n / max(n - 1, 1))
@@ -373,12 +382,28 @@ def gelu(x: Array) -> Array:
     return jax.nn.gelu(x, approximate=False)
 
 
+# Derivatives at the kinks as PyTorch has them: flat image regions put many values exactly
+# there, so the convention changes gradients, not a measure-zero corner.
 def leaky_relu(x: Array, slope: float) -> Array:
-    return jnp.where(x >= 0, x, slope * x)
+    """torch's LeakyReLU: the slope (not 1) is the derivative at x == 0 (jax.nn's is 1)."""
+    return jnp.where(x > 0, x, slope * x)
 
 
 def relu6(x: Array) -> Array:
-    return jnp.clip(x, 0.0, 6.0)
+    """torch's ReLU6 (hardtanh(0, 6)): derivative 0 at x == 0 and x == 6 (jnp.clip's is 1/2)."""
+    return jax.nn.relu6(x)
+
+
+@jax.custom_jvp
+def torch_abs(x: Array) -> Array:
+    """|x| with torch's derivative sign(x), 0 at x == 0 (jnp.abs's is 1 there)."""
+    return jnp.abs(x)
+
+
+@torch_abs.defjvp
+def _torch_abs_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    return jnp.abs(x), jnp.sign(x) * t
 
 
 def channel_attention_matrix(q: Array, k: Array, temperature: Array, heads: int) -> Array:

@@ -15,15 +15,18 @@ where it happens:
   C-channel Lovasz-softmax, so the constant falls out of the same code.
 * Phase II adds ``cc_detail**2`` twice and computes a graph correlation it never uses.
 * Gradients follow torch's conventions where JAX's differ: |x|' = sign(x) is 0 at x == 0
-  (flat regions give Sobel responses of exactly 0), and clamp passes the gradient on its
-  boundaries.
+  (`smfnet_jax.layers.torch_abs`; flat regions give Sobel responses of exactly 0), and clamp
+  passes the gradient on its boundaries.
 
-Precision: the SSIM variances are E[x^2] - E[x]^2 in float32, which cancels badly on real
-images (means ~0.5, local variances ~1e-3). kornia's own float32 value is then only ~1e-5
-to 4e-5 (relative) from the float64 one, and any two float32 implementations that sum in a
-different order differ by that much; this port agrees with kornia 0.2.0 (torch CPU) to
-<= 2.5e-5 on the parity fixture and to <= 1e-6 on well-conditioned inputs. The other terms
-agree to ~1e-7.
+Precision: kornia computes the SSIM variances as E[x^2] - E[x]^2, which cancels in float32
+on real images (means ~0.5-1, local variances down to ~1e-6): its float32 SSIM map is ~1e-5
+off, its loss value 1e-5 to 4e-5 (relative). Near an SSIM of 0 that error decides on which
+side of the loss's clamp a pixel falls (gradient on or off), and each pixel on the wrong
+side moves every weight's gradient by ~1e-3, which Adam turns into full-size steps: this was
+the largest difference between our training and the float64 original's. Here the local
+moments are two-pass with kornia's own window (`_local_moments`): the float64 evaluation is
+kornia's float64 function (to 1e-16), and the float32 map is ~1e-7 from it. The other terms
+agree with the reference to ~1e-7.
 
 Layout: every image/feature tensor is NHWC, ``(N, H, W, C)``; the reference is NCHW. All
 reductions that the reference does over the whole tensor (means, correlation, Gram MSE)
@@ -35,13 +38,14 @@ not silently drop to TF32/bf16 passes.
 """
 from __future__ import annotations
 
-import functools
 from typing import Mapping, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from smfnet_jax.layers import torch_abs
 
 __all__ = [
     "ssim_loss",
@@ -82,33 +86,28 @@ PHASE2_OUTPUT_KEYS = ("fused", "vi_base", "ir_base", "vi_detail", "ir_detail")
 
 _F32_EPS = float(np.finfo(np.float32).eps)
 
-# kornia 0.2.0 SSIM(11): Gaussian window, sigma 1.5, built in float32 exactly as kornia does
-# (1-D kernel normalised to sum 1; kornia's 2-D kernel is the outer product of it, so the
-# filter is applied separably here, see _gaussian_filter).
+# kornia 0.2.0 SSIM(11): a Gaussian window (sigma 1.5) whose values are float32, bit for bit
+# the ones kornia computes: the 1-D taps exp(-x^2 / 4.5) in float32 (correctly rounded),
+# divided by their float32 sum, and the 2-D window their float32 outer product (kornia's
+# `get_gaussian_kernel2d`). The window is applied as it is, not separably: its 121 rounded
+# values are not an exact outer product, and in float64 the reference computes with them.
+# They sum to 1 - 6.8e-8, not 1, which `_local_moments` accounts for.
 _SSIM_WINDOW = 11
 _SSIM_SIGMA = 1.5
 _SSIM_C1 = (0.01 * 1.0) ** 2  # max_val = 1
 _SSIM_C2 = (0.03 * 1.0) ** 2
 
 
-def _gaussian_window_1d(size: int, sigma: float) -> np.ndarray:
+def _kornia_gaussian_1d(size: int, sigma: float) -> np.ndarray:
     x = np.arange(size, dtype=np.float32) - np.float32(size // 2)
-    g = np.exp(-(x * x) / np.float32(2.0 * sigma ** 2)).astype(np.float32)
-    return (g / g.sum(dtype=np.float32)).astype(np.float32)
+    arg = (-(x * x)).astype(np.float32) / np.float32(2 * sigma ** 2)
+    g = np.exp(arg.astype(np.float64)).astype(np.float32)
+    return (g / np.float32(g.astype(np.float64).sum())).astype(np.float32)
 
 
-_SSIM_TAPS = _gaussian_window_1d(_SSIM_WINDOW, _SSIM_SIGMA)
-
-
-@functools.lru_cache(maxsize=64)
-def _banded_filter_matrix(n_out: int) -> np.ndarray:
-    """(n_out + window - 1, n_out) matrix M with M[i:i+window, i] = taps: x_padded @ M is the
-    'valid' 1-D correlation with the Gaussian taps."""
-    m = np.zeros((n_out + _SSIM_WINDOW - 1, n_out), np.float32)
-    for i in range(n_out):
-        m[i:i + _SSIM_WINDOW, i] = _SSIM_TAPS
-    return m
-
+_SSIM_TAPS_1D = _kornia_gaussian_1d(_SSIM_WINDOW, _SSIM_SIGMA)
+_SSIM_KERNEL = (_SSIM_TAPS_1D[:, None] * _SSIM_TAPS_1D[None, :]).astype(np.float32)
+_SSIM_KERNEL_DEFICIT = float(1.0 - _SSIM_KERNEL.astype(np.float64).sum())  # 1 - sum(window)
 
 # loss.py Sobelxy: un-normalised Sobel, applied as cross-correlation (F.conv2d).
 _SOBEL_X = np.array([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], np.float32)
@@ -133,22 +132,6 @@ def _check_nhwc(name: str, *arrays: jax.Array) -> None:
     shapes = {tuple(a.shape) for a in arrays}
     if len(shapes) > 1:
         raise ValueError(f"smfnet_jax.losses.{name}: shapes differ: {sorted(shapes)}")
-
-
-@jax.custom_jvp
-def _abs(x: jax.Array) -> jax.Array:
-    """|x| with torch's derivative sign(x), which is 0 at x == 0 (jnp.abs uses 1 there).
-
-    Exact zeros are common in these losses (flat image regions give Sobel responses of
-    exactly 0), so the choice changes gradients, not just a measure-zero corner.
-    """
-    return jnp.abs(x)
-
-
-@_abs.defjvp
-def _abs_jvp(primals, tangents):
-    (x,), (t,) = primals, tangents
-    return jnp.abs(x), jnp.sign(x) * t
 
 
 def _clamp(x: jax.Array, lo: float, hi: float) -> jax.Array:
@@ -179,26 +162,49 @@ def _pad_hw(x: jax.Array, pad: int, mode: str) -> jax.Array:
 
 
 # --------------------------------------------------------------------------- SSIM
-def _gaussian_filter(x_padded: jax.Array) -> jax.Array:
-    """'valid' 11x11 Gaussian correlation of a padded NHWC array, done separably as two
-    banded matmuls. Equal to kornia's 2-D filter up to float32 rounding order (the SSIM
-    variances E[x^2] - E[x]^2 cancel, so any two float32 implementations, kornia's included,
-    agree only to ~1e-5 relative on real images; see the module docstring), and about 20x faster
-    than an 11x11 depthwise convolution on CPU.
+def _windows(x_padded: jax.Array) -> jax.Array:
+    """(N, H + 10, W + 10, C) -> (N, H, W, C, 121): every output pixel's 11x11 window, row-major."""
+    k = _SSIM_WINDOW
+    h, w = x_padded.shape[1] - k + 1, x_padded.shape[2] - k + 1
+    return jnp.stack([x_padded[:, a:a + h, b:b + w] for a in range(k) for b in range(k)], axis=-1)
+
+
+@jax.checkpoint  # the 121-tap windows are recomputed in the backward pass, never stored
+def _local_moments(x_padded: jax.Array, y_padded: jax.Array):
+    """kornia's local statistics of two reflect-padded images: the windowed means mu_x, mu_y
+    and var_x = E[x^2] - mu_x^2, var_y, cov = E[xy] - mu_x mu_y, E[.] the window-weighted sum.
+
+    Computed as in exact arithmetic, not as E[x^2] - mu^2 in float32: that difference cancels
+    (means ~0.5-1, local variances down to ~1e-6), which leaves the SSIM map with errors of
+    ~1e-5, enough to put pixels whose SSIM is near 0 on the wrong side of the loss's clamp
+    (a zero gradient for one, a full one for the other) and to move every weight's gradient
+    by ~1e-3. Here each window is centred on its own mean first (two-pass), and
+    sum(w (x - c)^2) + c^2 (1 - sum(w)), with c = mu_x, is exactly E[x^2] - mu_x^2 for the
+    window w; the covariance likewise. c is held constant for differentiation: the
+    expression does not depend on it, so the gradient is exact (2 w (x - mu_x) per tap).
     """
-    _, hp, wp, _ = x_padded.shape
-    mh = jnp.asarray(_banded_filter_matrix(hp - _SSIM_WINDOW + 1), x_padded.dtype)
-    mw = jnp.asarray(_banded_filter_matrix(wp - _SSIM_WINDOW + 1), x_padded.dtype)
-    out = jnp.einsum("nhwc,hi->niwc", x_padded, mh, precision=lax.Precision.HIGHEST)
-    return jnp.einsum("niwc,wj->nijc", out, mw, precision=lax.Precision.HIGHEST)
+    hi = lax.Precision.HIGHEST
+    kernel = jnp.asarray(_SSIM_KERNEL.reshape(-1), x_padded.dtype)
+    wx, wy = _windows(x_padded), _windows(y_padded)
+    mu_x = jnp.einsum("nhwct,t->nhwc", wx, kernel, precision=hi)
+    mu_y = jnp.einsum("nhwct,t->nhwc", wy, kernel, precision=hi)
+    cx, cy = lax.stop_gradient(mu_x), lax.stop_gradient(mu_y)
+    dx, dy = wx - cx[..., None], wy - cy[..., None]
+    var_x = jnp.einsum("nhwct,t->nhwc", dx * dx, kernel, precision=hi)
+    var_y = jnp.einsum("nhwct,t->nhwc", dy * dy, kernel, precision=hi)
+    cov = jnp.einsum("nhwct,t->nhwc", dx * dy, kernel, precision=hi)
+    d = _SSIM_KERNEL_DEFICIT
+    return mu_x, mu_y, var_x + d * cx * cx, var_y + d * cy * cy, cov + d * cx * cy
 
 
 def ssim_loss(img1: ArrayLike, img2: ArrayLike) -> jax.Array:
     """kornia 0.2.0 ``SSIM(11, reduction='mean')(img1, img2)`` for NHWC images.
 
-    Per channel: Gaussian 11x11 window (sigma 1.5), reflect padding of 5 (so H, W >= 6),
+    Per channel: kornia's 11x11 Gaussian window (sigma 1.5), reflect padding of 5 (so H, W >= 6),
     C1 = 0.01**2, C2 = 0.03**2 (max_val 1); loss map = clamp(1 - ssim, 0, 1) / 2, averaged
-    over every element. The reference calls it as ``Loss_ssim(x, x_hat)``.
+    over every element. The reference calls it as ``Loss_ssim(x, x_hat)``. The local
+    statistics are computed without float32 cancellation (`_local_moments`), so this is
+    closer to the float64 reference than kornia's own float32 value is.
     """
     x = _as_float(img1)
     y = _as_float(img2)
@@ -207,20 +213,11 @@ def ssim_loss(img1: ArrayLike, img2: ArrayLike) -> jax.Array:
     if min(x.shape[1], x.shape[2]) <= pad:
         raise ValueError(f"smfnet_jax.losses.ssim_loss: H and W must exceed {pad} for reflect "
                          f"padding, got shape {tuple(x.shape)}")
-    c = x.shape[-1]
-    # kornia filters these five maps one by one; stacking them on the channel axis gives the
-    # same per-pixel sums with one filter call.
-    stacked = jnp.concatenate([x, y, x * x, y * y, x * y], axis=-1)
-    filt = _gaussian_filter(_pad_hw(stacked, pad, "reflect"))
-    mu1, mu2, e11, e22, e12 = (filt[..., i * c:(i + 1) * c] for i in range(5))
-    mu1_sq = mu1 * mu1
-    mu2_sq = mu2 * mu2
+    mu1, mu2, sigma1_sq, sigma2_sq, sigma12 = _local_moments(
+        _pad_hw(x, pad, "reflect"), _pad_hw(y, pad, "reflect"))
     mu1_mu2 = mu1 * mu2
-    sigma1_sq = e11 - mu1_sq
-    sigma2_sq = e22 - mu2_sq
-    sigma12 = e12 - mu1_mu2
     ssim_map = ((2.0 * mu1_mu2 + _SSIM_C1) * (2.0 * sigma12 + _SSIM_C2)) / (
-        (mu1_sq + mu2_sq + _SSIM_C1) * (sigma1_sq + sigma2_sq + _SSIM_C2))
+        (mu1 * mu1 + mu2 * mu2 + _SSIM_C1) * (sigma1_sq + sigma2_sq + _SSIM_C2))
     return jnp.mean(_clamp(1.0 - ssim_map, 0.0, 1.0) / 2.0)
 
 
@@ -234,11 +231,11 @@ def sobel_gradient(x: ArrayLike) -> jax.Array:
     x = _as_float(x)
     _check_nhwc("sobel_gradient", x)
     g = _depthwise_correlate(_pad_hw(x, 1, "constant"), np.stack([_SOBEL_X, _SOBEL_Y_LOSSPY]))
-    return _abs(g[..., 0]) + _abs(g[..., 1])
+    return torch_abs(g[..., 0]) + torch_abs(g[..., 1])
 
 
 def _l1(a: jax.Array, b: jax.Array) -> jax.Array:
-    return jnp.mean(_abs(a - b))
+    return jnp.mean(torch_abs(a - b))
 
 
 def stage1_gradient_loss(orig: ArrayLike, rec: ArrayLike) -> jax.Array:
@@ -347,7 +344,7 @@ def lovasz_softmax(probas: ArrayLike, labels: ArrayLike,
     losses, weights = [], []
     for c in class_ids:
         fg = (lab == c).astype(p.dtype) * valid
-        errors = _abs(fg - p[:, c]) * valid
+        errors = torch_abs(fg - p[:, c]) * valid
         # descending sort of the valid errors; ignored pixels (key -1) go last
         perm = jnp.argsort(-jnp.where(valid > 0, errors, -1.0), stable=True)
         perm = lax.stop_gradient(perm)

@@ -23,7 +23,8 @@ import numpy as np
 from flax import nnx
 
 from smfnet_jax.layers import (BatchNorm2d, Conv2d, LayerNorm, channel_attention, conv_blocks,
-                               dense_conv_blocks, gelu, leaky_relu, normal_init, relu6)
+                               dense_conv_blocks, gelu, leaky_relu, normal_init, relu6,
+                               torch_abs)
 
 Array = jax.Array
 
@@ -171,7 +172,8 @@ class BFE(nnx.Module):
 
 # --------------------------------------------------------------------------- GRDB
 class Sobel(nnx.Module):
-    """Depthwise Sobel |gx| + |gy|; trainable kernels initialised to Sobel, as in the reference."""
+    """Depthwise Sobel |gx| + |gy|; trainable kernels initialised to Sobel, as in the reference
+    (|.| with torch's derivative, 0 at 0)."""
 
     def __init__(self, channels: int, *, rngs: nnx.Rngs):
         sx = jnp.array([[1., 0., -1.], [2., 0., -2.], [1., 0., -1.]], jnp.float32)
@@ -183,7 +185,7 @@ class Sobel(nnx.Module):
                             kernel_init=tiled(sx.T), rngs=rngs)
 
     def __call__(self, x: Array) -> Array:
-        return jnp.abs(self.convx(x)) + jnp.abs(self.convy(x))
+        return torch_abs(self.convx(x)) + torch_abs(self.convy(x))
 
 
 class GRDB(nnx.Module):

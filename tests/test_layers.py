@@ -151,3 +151,32 @@ def test_backend_policy_names_bad_settings(monkeypatch):
         assert backend.impl() == "xla"
         with use_impl("auto"):
             assert backend.impl() == ("cpu" if jax.default_backend() == "cpu" else "xla")
+
+
+# --------------------------------------------------------------------------- kinks as PyTorch
+def test_activations_have_torch_derivatives_at_the_kinks():
+    """torch: LeakyReLU' (0) = slope, ReLU6' (0) = ReLU6' (6) = 0, |x|' (0) = 0 (flat image
+    regions put many values exactly there); jax.nn.leaky_relu, jnp.clip and jnp.abs
+    differ at exactly these points."""
+    from smfnet_jax.layers import leaky_relu, relu6, torch_abs
+    x = jnp.array([-1.0, 0.0, 1e-30, 3.0, 6.0, 7.0])
+    np.testing.assert_array_equal(jax.vmap(jax.grad(lambda v: leaky_relu(v, 0.2)))(x),
+                                  np.float32([0.2, 0.2, 1.0, 1.0, 1.0, 1.0]))
+    np.testing.assert_array_equal(jax.vmap(jax.grad(relu6))(x), [0, 0, 1, 1, 0, 0])
+    np.testing.assert_array_equal(jax.vmap(jax.grad(torch_abs))(x), [-1, 0, 1, 1, 1, 1])
+    np.testing.assert_array_equal(leaky_relu(x, 0.2), np.float32([-0.2, 0, 1e-30, 3, 6, 7]))
+    np.testing.assert_array_equal(relu6(x), np.float32([0, 0, 1e-30, 3, 6, 6]))
+
+
+def test_sobel_branch_passes_no_gradient_through_a_flat_region():
+    """The GRDB's Sobel |gx| + |gy| on a constant input: with kernels summing to 0 the responses
+    are exactly 0 away from the border, and torch's |x|' = 0 there passes nothing back."""
+    from smfnet_jax.model import Sobel
+    sobel = Sobel(2, rngs=nnx.Rngs(0))  # kernels initialised to Sobel: each sums to 0
+    x = jnp.full((1, 6, 6, 2), 0.5)
+    w = jnp.asarray(np.random.default_rng(0).uniform(0.5, 1.5, x.shape), jnp.float32)
+    g = np.asarray(jax.grad(lambda v: jnp.sum(w * sobel(v)))(x))
+    assert np.all(np.asarray(sobel(x))[0, 1:-1, 1:-1] == 0)
+    # interior pixels reach border responses (which are not 0) only through the kernel's
+    # taps; the centre 2x2 is 2 pixels from every border response
+    assert np.all(g[0, 2:4, 2:4] == 0), g[0, :, :, 0]

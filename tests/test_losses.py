@@ -56,18 +56,32 @@ def np_correlate(x, kernel, border):
     return out
 
 
-def np_ssim_loss(x, y):
-    g = np.array([math.exp(-((k - 5) ** 2) / (2 * 1.5 ** 2)) for k in range(11)])
-    g /= g.sum()
-    win = np.outer(g, g)
-    f = lambda a: np_correlate(a, win, "reflect")
+# kornia 0.2.0's SSIM window, as torch 2.13 computes it: get_gaussian_kernel1d(11, 1.5), float32
+# bit patterns, printed from the original's environment (the 2-D window is their float32
+# outer product). Not exp(-x^2 / 4.5) / sum in float64: those differ in the last bit, and
+# the SSIM variances, which cancel, feel it.
+KORNIA_SSIM_TAPS_BITS = [981912248, 1006173953, 1024685452, 1038088319, 1046093343, 1049113264,
+                         1046093343, 1038088319, 1024685452, 1006173953, 981912248]
+
+
+def kornia_ssim_window() -> np.ndarray:
+    t = np.array(KORNIA_SSIM_TAPS_BITS, np.uint32).view(np.float32)
+    return (t[:, None] * t[None, :]).astype(np.float32)
+
+
+def np_ssim_map(x, y, win=None):
+    """kornia's SSIM map in float64 with kornia's (float32-valued) window, as its float64 run."""
+    f = lambda a: np_correlate(a, kornia_ssim_window().astype(np.float64) if win is None else win, "reflect")  # noqa: E731
     mu1, mu2 = f(x), f(y)
     s11 = f(x * x) - mu1 ** 2
     s22 = f(y * y) - mu2 ** 2
     s12 = f(x * y) - mu1 * mu2
     c1, c2 = 0.01 ** 2, 0.03 ** 2
-    ssim = ((2 * mu1 * mu2 + c1) * (2 * s12 + c2)) / ((mu1 ** 2 + mu2 ** 2 + c1) * (s11 + s22 + c2))
-    return np.mean(np.clip(1 - ssim, 0, 1) / 2)
+    return ((2 * mu1 * mu2 + c1) * (2 * s12 + c2)) / ((mu1 ** 2 + mu2 ** 2 + c1) * (s11 + s22 + c2))
+
+
+def np_ssim_loss(x, y):
+    return np.mean(np.clip(1 - np_ssim_map(x, y), 0, 1) / 2)
 
 
 SOBEL_X = np.array([[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]], float)
@@ -146,14 +160,62 @@ def _img(*shape):
 
 
 # --------------------------------------------------------------------------- SSIM
+def test_ssim_window_is_kornias():
+    assert np.array_equal(L._SSIM_TAPS_1D.view(np.uint32), np.array(KORNIA_SSIM_TAPS_BITS, np.uint32))
+    assert np.array_equal(L._SSIM_KERNEL, kornia_ssim_window())
+    # the rounded window does not sum to 1; the moments account for it
+    assert L._SSIM_KERNEL_DEFICIT == pytest.approx(1 - kornia_ssim_window().astype(np.float64).sum(), abs=0)
+    assert 1e-8 < abs(L._SSIM_KERNEL_DEFICIT) < 1e-6
+
+
 def test_ssim_matches_numpy_definition(jf):
     x = _img(2, 7, 8, 2)
     y = np.clip(x + 0.3 * RNG.standard_normal(x.shape), 0, 1).astype(np.float32)
     want = np_ssim_loss(x.astype(np.float64), y.astype(np.float64))
     got = float(jf["ssim"](x, y))
-    assert got == pytest.approx(want, rel=1e-5)
+    assert got == pytest.approx(want, rel=1e-6)
     # symmetric in its arguments, like kornia's
     assert float(jf["ssim"](y, x)) == pytest.approx(got, rel=1e-6)
+
+
+def _cancelling_pair(shape=(1, 24, 24, 1)):
+    """Bright images (means ~0.9, local std ~0.03): E[x^2] - E[x]^2 cancels ~1000-fold in
+    float32. y is partly anti-correlated with x, so the SSIM map crosses 0, where the loss's
+    clamp switches a pixel's gradient on and off."""
+    r = np.random.default_rng(0)
+    n1, n2 = r.standard_normal(shape), r.standard_normal(shape)
+    x, y = 0.9 + 0.03 * n1, 0.9 - 0.015 * n1 + 0.021 * n2
+    return np.clip(x, 0, 1).astype(np.float32), np.clip(y, 0, 1).astype(np.float32)
+
+
+def test_ssim_map_float32_is_as_exact_where_variances_cancel():
+    """The float32 SSIM map against float64 where one-pass variances cancel (their map is
+    ~1e-5 off here, two-pass ~1e-7)."""
+    x, y = _cancelling_pair()
+    want = np_ssim_map(x.astype(np.float64), y.astype(np.float64))
+    pad = lambda a: L._pad_hw(jnp.asarray(a), 5, "reflect")  # noqa: E731
+    mu1, mu2, s11, s22, s12 = jax.jit(L._local_moments)(pad(x), pad(y))
+    c1, c2 = L._SSIM_C1, L._SSIM_C2
+    got = ((2 * mu1 * mu2 + c1) * (2 * s12 + c2)) / ((mu1 ** 2 + mu2 ** 2 + c1) * (s11 + s22 + c2))
+    assert (want < 0).any() and (want > 0).any()
+    assert float(np.abs(np.asarray(got) - want).max()) < 1e-6
+
+
+def test_ssim_gradient_float32_matches_float64():
+    """Gradients of the SSIM loss in float32 and float64 (the same code, jax x64): within
+    ~1e-6 of their largest value where the variances cancel and the map crosses 0 (one-pass
+    variances: 3e-2 here, a pixel on the wrong side of the clamp)."""
+    x, y = _cancelling_pair()
+    g32 = np.asarray(jax.jit(jax.grad(L.ssim_loss, argnums=1))(x, y))
+    with jax.enable_x64(True):
+        g64 = np.asarray(jax.jit(jax.grad(L.ssim_loss, argnums=1))(
+            jnp.asarray(x, jnp.float64), jnp.asarray(y, jnp.float64)))
+        # and float64 is kornia's definition, the numpy one above
+        want = np_ssim_loss(x.astype(np.float64), y.astype(np.float64))
+        assert float(L.ssim_loss(jnp.asarray(x, jnp.float64), jnp.asarray(y, jnp.float64))) == \
+            pytest.approx(want, rel=1e-12)
+    assert g64.dtype == np.float64
+    assert float(np.abs(g32 - g64).max()) < 1e-5 * float(np.abs(g64).max())
 
 
 def test_ssim_identical_images_is_zero(jf):

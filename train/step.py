@@ -3,16 +3,20 @@
 The train state is a plain pytree of dicts so that it shards, donates and checkpoints
 without ceremony:
 
-    {"params": {sub: ...}, "batch_stats": {sub: ...}, "opt": {sub: ScaleByAdamState}}
+    {"params": {sub: ...}, "batch_stats": {sub: ...}, "opt": {sub: AdamState}}
 
 One Adam per sub-model (encoder, decoder, graph, base_fuse, detail_fuse), each with its own
-global-norm clipping, exactly as the reference's five optimisers. Phase I updates only the
-encoder, decoder and graph; the fusion layers' Adam state does not advance until phase II.
+global-norm clipping, exactly as the reference's five optimisers. Adam is torch.optim.Adam's
+own arithmetic, step count per parameter included (`adam_update`): a parameter that a phase
+never uses gets no gradient in PyTorch (None), and Adam skips it, so it neither moves nor
+counts the step. Phase I uses neither fusion layer nor the graph's fused head
+(`UNUSED_IN_PHASE`), whose first real step is then Adam's step 1 in phase II.
 """
 from __future__ import annotations
 
 import functools
-from typing import Callable
+import math
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,11 +29,20 @@ from smfnet_jax.model import SUBMODELS, SMFNet
 from train.microbatch import make_microbatched_value_and_grad
 
 PHASE1_SUBMODELS = ("encoder", "decoder", "graph")
-FUSION_SUBMODELS = ("base_fuse", "detail_fuse")
+FUSION_SUBMODELS = ("base_fuse", "detail_fuse")  # trained, and scheduled, in phase II only
+
+# Parameters a phase's forward never reads, as (sub-model, path prefix; () for all of it):
+# torch.optim.Adam skips them (their .grad is None), so their value, moments and step count
+# stay put. tests/test_train.py checks this against the gradients the phases produce.
+UNUSED_IN_PHASE = {
+    1: tuple((sub, ()) for sub in FUSION_SUBMODELS) + (("graph", ("fuse",)),),  # C_cls: phase II
+    2: (),
+}
 
 
 def submodels_for(phase: int) -> tuple[str, ...]:
-    return PHASE1_SUBMODELS if phase == 1 else SUBMODELS
+    """The sub-models a phase trains (clips, steps and logs)."""
+    return tuple(s for s in SUBMODELS if (s, ()) not in UNUSED_IN_PHASE[phase])
 
 
 def learning_rates(epoch: int, cfg) -> dict[str, float]:
@@ -47,8 +60,56 @@ def learning_rates(epoch: int, cfg) -> dict[str, float]:
     return out
 
 
-def make_adam(cfg) -> optax.GradientTransformation:
-    return optax.scale_by_adam(b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps)
+def trained_mask(phase: int, sub: str, params) -> dict:
+    """A tree like `params` (one sub-model's) of Python bools: True where the phase trains it."""
+    prefixes = [p for s, p in UNUSED_IN_PHASE[phase] if s == sub]
+    def trained(path, _):
+        keys = tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
+        return not any(keys[:len(p)] == p for p in prefixes)
+    return jax.tree_util.tree_map_with_path(trained, params)
+
+
+class AdamState(NamedTuple):
+    """torch.optim.Adam's per-parameter state: step count, exp_avg, exp_avg_sq."""
+    step: dict
+    exp_avg: dict
+    exp_avg_sq: dict
+
+
+def adam_init(params) -> AdamState:
+    zeros = functools.partial(jax.tree.map, jnp.zeros_like)
+    return AdamState(jax.tree.map(lambda p: jnp.zeros((), jnp.int32), params), zeros(params), zeros(params))
+
+
+def adam_update(grads, state: AdamState, params, lr, mask, cfg):
+    """One torch.optim.Adam step (weight_decay 0), in its order of operations:
+
+        exp_avg.lerp_(g, 1 - b1); exp_avg_sq.mul_(b2).addcmul_(g, g, value=1 - b2)
+        denom = exp_avg_sq.sqrt() / sqrt(1 - b2**t) + eps; p.addcdiv_(exp_avg, denom, value=-lr / (1 - b1**t))
+
+    with t the parameter's own step count. Leaves where `mask` is False are left as they
+    are (PyTorch skips a parameter without gradient). The bias corrections 1 - b**t are
+    -expm1(t log b): in float32, 1 - 0.999**t loses ~1e-5 to cancellation at small t, which
+    would scale every update by the same wrong factor. Returns (params, state).
+    """
+    b1, b2, eps = cfg.adam_b1, cfg.adam_b2, cfg.adam_eps
+    log_b1, log_b2 = math.log(b1), math.log(b2)
+
+    def leaf(on, g, p, t, m, v):
+        if not on:
+            return p, t, m, v
+        t = t + 1
+        m = m + (1 - b1) * (g - m)
+        v = v * b2 + (1 - b2) * (g * g)
+        tf = t.astype(jnp.float32)
+        step_size = lr / -jnp.expm1(tf * log_b1)
+        denom = jnp.sqrt(v) / jnp.sqrt(-jnp.expm1(tf * log_b2)) + eps
+        return p - step_size * (m / denom), t, m, v
+
+    out = jax.tree.map(leaf, mask, grads, params, state.step, state.exp_avg, state.exp_avg_sq)
+    params, step, exp_avg, exp_avg_sq = jax.tree.transpose(
+        jax.tree.structure(params), jax.tree.structure((0, 0, 0, 0)), out)
+    return params, AdamState(step, exp_avg, exp_avg_sq)
 
 
 def clip_grad_norm(grads, max_norm: float):
@@ -65,8 +126,7 @@ def split_model(model: SMFNet):
 
 def init_train_state(model: SMFNet, cfg) -> tuple[nnx.GraphDef, dict]:
     graphdef, params, stats = split_model(model)
-    adam = make_adam(cfg)
-    opt = {sub: adam.init(params[sub]) for sub in SUBMODELS}
+    opt = {sub: adam_init(params[sub]) for sub in SUBMODELS}
     return graphdef, {"params": params, "batch_stats": stats, "opt": opt}
 
 
@@ -132,7 +192,6 @@ def make_value_and_grad(graphdef, phase: int, cfg) -> Callable:
 def make_train_step(graphdef, phase: int, cfg) -> Callable:
     """(state, vi, ir, lrs) -> (state, metrics). Pure; jit it with shardings and donation."""
     value_and_grad = make_value_and_grad(graphdef, phase, cfg)
-    adam = make_adam(cfg)
     updated = submodels_for(phase)
 
     def train_step(state, vi, ir, lrs):
@@ -142,8 +201,8 @@ def make_train_step(graphdef, phase: int, cfg) -> Callable:
         metrics = {"loss": loss, **terms}
         for sub in updated:
             g, norm = clip_grad_norm(grads[sub], cfg.clip_norm)
-            updates, opt[sub] = adam.update(g, opt[sub], params[sub])
-            params[sub] = optax.apply_updates(params[sub], jax.tree.map(lambda u: -lrs[sub] * u, updates))
+            params[sub], opt[sub] = adam_update(g, opt[sub], params[sub], lrs[sub],
+                                                trained_mask(phase, sub, params[sub]), cfg)
             metrics[f"grad_norm/{sub}"] = norm
             metrics[f"param_norm/{sub}"] = optax.global_norm(params[sub])
             metrics[f"lr/{sub}"] = lrs[sub]
