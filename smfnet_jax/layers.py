@@ -327,20 +327,58 @@ class LayerNorm(nnx.Module):
         return ((xf - mu) * inv * w + self.bias[...]).astype(x.dtype)
 
 
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_train(x: Array, scale: Array, bias: Array, eps: float) -> tuple[Array, Array, Array]:
+    """BatchNorm over (N, H, W) with the batch's own statistics: (y, mean, biased var).
+
+    The backward is PyTorch's formula, a * (g - mean(g) - (x - mean) * dot / (n * var_eps)) with
+    dot = sum(g * (x - mean)), rather than autodiff's, which forms that dot as
+    sum(g * x) - mean * sum(g): a float32 cancellation of the size |mean| / std, which left
+    whole channels' weight gradients wrong where they are small (PyTorch sums these in float64
+    on the CPU). The batch mean is refined by a second pass (mean + mean(x - mean)): a float32
+    mean of thousands of values is off by ~eps * |mean|, magnified by 1 / std in the output.
+    """
+    return _batch_norm_fwd(x, scale, bias, eps)[0]
+
+
+def _batch_moments(x: Array) -> tuple[Array, Array]:
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    rough = jnp.mean(xf, axis=(0, 1, 2))
+    mean = rough + jnp.mean(xf - rough, axis=(0, 1, 2))
+    return mean, jnp.mean(jnp.square(xf - mean), axis=(0, 1, 2))
+
+
+def _batch_norm_fwd(x, scale, bias, eps):
+    mean, var = _batch_moments(x)
+    invstd = jax.lax.rsqrt(var + eps)
+    a = invstd * scale
+    y = (x - mean.astype(x.dtype)) * a.astype(x.dtype) + bias.astype(x.dtype)
+    return (y, mean, var), (x, mean, invstd, scale)
+
+
+def _batch_norm_bwd(eps, residuals, cotangents):
+    x, mean, invstd, scale = residuals
+    g, g_mean, g_var = cotangents
+    xc = x.astype(mean.dtype) - mean
+    g = g.astype(mean.dtype)
+    n = x.shape[0] * x.shape[1] * x.shape[2]
+    sum_g = jnp.sum(g, axis=(0, 1, 2))
+    dot = jnp.sum(g * xc, axis=(0, 1, 2))
+    gx = (invstd * scale) * (g - sum_g / n - xc * (dot * jnp.square(invstd) / n))
+    gx = gx + g_mean / n + xc * (2 * g_var / n)   # the statistics' own cotangents (0 in training)
+    return gx.astype(x.dtype), (dot * invstd).astype(scale.dtype), sum_g.astype(scale.dtype)
+
+
+batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+
+
 class BatchNorm2d(nnx.Module):
     """PyTorch BatchNorm2d semantics over NHWC.
 
-    Eval (`use_running_average=True`, set by `model.eval()`): running statistics. Train: batch
-    statistics (biased variance) and a running-stat update with momentum 0.1 using the
-    unbiased variance; `num_batches_tracked` is counted so the export is faithful.
-
-    In training the batch mean is refined by a second pass (mean + mean(x - mean)): a
-    float32 mean of thousands of values is off by ~eps * |mean|, which the output inherits
-    magnified by 1 / std, and the ReLU after every BatchNorm here decides its kink on that
-    output (PyTorch accumulates these statistics in float64). The output stays folded,
-    x * a + (bias - mean * a): the centred (x - mean) * a + bias, the same function, made
-    XLA:CPU compile the one-sample micro-batched train step wrong (gradients 0.3% off, the
-    same program run op by op is right; tests/test_train.py's sharded-step test catches it).
+    Eval (`use_running_average=True`, set by `model.eval()`): running statistics, folded into
+    one scale and shift. Train: batch statistics (biased variance; `batch_norm_train`, with
+    PyTorch's backward) and a running-stat update with momentum 0.1 using the unbiased
+    variance; `num_batches_tracked` is counted so the export is faithful.
     """
 
     def __init__(self, dim: int, *, momentum: float = 0.1, eps: float = 1e-5):
@@ -355,21 +393,17 @@ class BatchNorm2d(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         if self.use_running_average:
-            mean, var = self.mean[...], self.var[...]
-        else:
-            xf = x.astype(jnp.float32)
-            rough = jax.lax.stop_gradient(jnp.mean(xf, axis=(0, 1, 2)))
-            mean = rough + jnp.mean(xf - rough, axis=(0, 1, 2))   # d mean / dx = 1 / n, exactly
-            var = jnp.mean(jnp.square(xf - mean), axis=(0, 1, 2))
-            n = x.shape[0] * x.shape[1] * x.shape[2]
-            unbiased = var * (n / max(n - 1, 1))
-            m = self.momentum
-            self.mean[...] = (1 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean)
-            self.var[...] = (1 - m) * self.var[...] + m * jax.lax.stop_gradient(unbiased)
-            self.num_batches_tracked[...] = self.num_batches_tracked[...] + 1
-        inv = jax.lax.rsqrt(var + self.eps) * self.scale[...]
-        shift = self.bias[...] - mean * inv
-        return x * inv.astype(x.dtype) + shift.astype(x.dtype)
+            inv = jax.lax.rsqrt(self.var[...] + self.eps) * self.scale[...]
+            shift = self.bias[...] - self.mean[...] * inv
+            return x * inv.astype(x.dtype) + shift.astype(x.dtype)
+        y, mean, var = batch_norm_train(x, self.scale[...], self.bias[...], self.eps)
+        n = x.shape[0] * x.shape[1] * x.shape[2]
+        unbiased = var * (n / max(n - 1, 1))
+        m = self.momentum
+        self.mean[...] = (1 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean).astype(self.mean.dtype)
+        self.var[...] = (1 - m) * self.var[...] + m * jax.lax.stop_gradient(unbiased).astype(self.var.dtype)
+        self.num_batches_tracked[...] = self.num_batches_tracked[...] + 1
+        return y
 
 
 def cast_floats(tree, dtype):
