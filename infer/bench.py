@@ -1,7 +1,7 @@
 """Benchmark SMFNet fusion: compile time, speed, FLOP rate and peak memory per image size.
 
     python -m infer.bench --ckpt FILE.pth|DIR [--sizes 128x128,256x256,480x640] [--repeats 3]
-                          [--dtype float32|bfloat16] [--json OUT] [--tile T --overlap P]
+                          [--dtype float32|bfloat16] [--precision P] [--json OUT] [--tile T --overlap P]
 
 Sizes are HxW. Every size runs in a fresh subprocess, so each peak RSS is that size's own
 (it includes importing JAX and compiling). Per size:
@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from smfnet_jax.backend import IMPL_ENV, IMPL_HELP
+from smfnet_jax.policy import IMPL_ENV, IMPL_HELP, PRECISION_HELP, PRECISIONS, resolve
 from smfnet_jax.fileio import atomic_write_json
 
 KEYS = ("compile_s", "seconds_per_pair", "pixels_per_s", "gflops", "peak_rss_mb")
@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timed runs per size after one warm-up run; the median is reported (default 3)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="compute dtype (bfloat16 is meant for GPU/TPU; output is float32)")
+    p.add_argument("--precision", choices=PRECISIONS, default="highest", help=PRECISION_HELP)
     p.add_argument("--json", type=Path, default=None, help="write the results to this JSON file")
     p.add_argument("--tile", type=int, default=None,
                    help="fuse by tiles of this size (smfnet_jax.inference.fuse_tiled)")
@@ -108,7 +109,8 @@ def run_one(args, h: int, w: int) -> dict:
     if args.no_cache:
         jax.config.update("jax_enable_compilation_cache", False)
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    fuser = load_fuser(args.ckpt, cache=False, dtype=dtype)
+    fuser = load_fuser(args.ckpt, cache=False,
+                       policy=resolve(None, precision=args.precision, dtype=args.dtype))
     load_s = time.perf_counter() - t_start
     rss_loaded = _rss_peak_mb()
 
@@ -167,6 +169,7 @@ def run_one(args, h: int, w: int) -> dict:
         "load_s": load_s,
         "repeats": len(times),
         "dtype": args.dtype,
+        "precision": args.precision,
         "tile": args.tile, "overlap": args.overlap if args.tile else None, "n_tiles": n_tiles,
         "cache_dir": str(cache_dir) if cache_dir else None,
         **describe_platform(),
@@ -184,7 +187,8 @@ def _flops(compiled) -> float:
 
 def _worker_argv(args, size: str) -> list[str]:
     argv = [sys.executable, "-m", "infer.bench", "--ckpt", str(args.ckpt), "--sizes", size,
-            "--repeats", str(args.repeats), "--dtype", args.dtype, "--seed", str(args.seed),
+            "--repeats", str(args.repeats), "--dtype", args.dtype, "--precision", args.precision,
+            "--seed", str(args.seed),
             "--overlap", str(args.overlap), "--worker", size]
     if args.tile:
         argv += ["--tile", str(args.tile)]
@@ -245,7 +249,7 @@ def main(argv=None) -> int:
     if results and not failed:
         r0 = next(iter(results.values()))
         print(f"device: {r0['device']} ({r0['platform']}, {r0['cpu_count']} CPUs), routines "
-              f"{r0['impl']} ({IMPL_ENV}), dtype {r0['dtype']}, "
+              f"{r0['impl']} ({IMPL_ENV}), dtype {r0['dtype']}, precision {r0['precision']}, "
               f"FLOPs from {r0['flops_source']}, cache {r0['cache_dir']}")
     if args.json:
         atomic_write_json(args.json, results)

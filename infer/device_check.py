@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from smfnet_jax.backend import IMPL_ENV, IMPL_HELP
+from smfnet_jax.policy import IMPL_ENV, IMPL_HELP
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -42,7 +42,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from infer.common import add_scale16_argument, json_out_problem, plain_warnings, writable_folder_problem
-from smfnet_jax.backend import IMPL_HELP
+from smfnet_jax.policy import IMPL_HELP, PRECISION_HELP, PRECISIONS
 from smfnet_jax.cli import Progress, program_name
 from smfnet_jax.imageio import (
     IMAGE_EXTENSIONS,
@@ -77,6 +77,14 @@ def load_fuser(ckpt, **kwargs):
     from smfnet_jax.api import load_fuser as _load_fuser
 
     return _load_fuser(ckpt, **kwargs)
+
+
+def policy_choices(args) -> dict:
+    """`load_fuser` keyword arguments for --dtype / --precision (none at the defaults)."""
+    if args.dtype == "float32" and args.precision == "highest":
+        return {}
+    from smfnet_jax.policy import resolve
+    return {"policy": resolve(None, precision=args.precision, dtype=args.dtype)}
 
 
 def available_memory() -> int | None:
@@ -362,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="minimum overlap of neighbouring tiles with --tile (default: 32)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="compute dtype; bfloat16 is meant for GPU/TPU (slow on CPU)")
+    p.add_argument("--precision", choices=PRECISIONS, default="highest", help=PRECISION_HELP)
     p.add_argument("--batch", type=int, default=1, metavar="N",
                    help="fuse up to N consecutive same-size pairs in one call (e.g. the 640x480 "
                         "MSRS frames; pays on GPU/TPU); outputs equal N=1 up to float rounding. "
@@ -410,7 +419,7 @@ def run(args, fuser: Callable | None = None) -> int:
     if pairs and fuser is None:
         t0 = time.perf_counter()
         try:
-            fuser = load_fuser(args.ckpt) if args.dtype == "float32" else load_fuser(args.ckpt, dtype=args.dtype)
+            fuser = load_fuser(args.ckpt, **policy_choices(args))
         except (ValueError, OSError) as e:  # every checkpoint error is a ValueError
             print(f"error: cannot load checkpoint {args.ckpt}: {e}", file=sys.stderr)
             return EXIT_USAGE

@@ -22,6 +22,7 @@ from flax import nnx
 from smfnet_jax.checkpoint import Loaded, load_checkpoint
 from smfnet_jax.layers import cast_floats
 from smfnet_jax.model import SMFNet
+from smfnet_jax.policy import ComputePolicy, set_policy
 from smfnet_jax.runtime import configure_xla_cpu, enable_compilation_cache
 
 
@@ -31,18 +32,24 @@ class Fuser:
     `fuser(ir, vi)` takes two HxW float32 arrays in [0, 1] and returns the HxW raw sigmoid
     output, or two NxHxW stacks of same-size pairs and returns N outputs (one program for N
     pairs: better use of a GPU or TPU; equal to fusing them one by one up to float rounding).
-    dtype: compute dtype. `jnp.bfloat16` casts the parameters to bf16 once and computes in
-    bf16 (meant for GPU/TPU; slow on CPU); the output is always float32.
+    policy (`smfnet_jax.policy.ComputePolicy`): routines, precision and dtype it computes
+    with; default the model's (precision highest: full float32 on every backend).
+    dtype: shorthand for the policy's dtype. bfloat16 casts the parameters to bf16 once and
+    computes in bf16 (meant for GPU/TPU; slow on CPU); the output is always float32.
     The model passed in is not modified (the fuser keeps an eval-mode copy).
     """
 
-    def __init__(self, model: SMFNet, *, dtype=jnp.float32, step: int | None = None):
+    def __init__(self, model: SMFNet, *, policy: ComputePolicy | None = None, dtype=None,
+                 step: int | None = None):
         self.step = step  # the checkpoint step the model came from (None: a weights file)
-        model = nnx.clone(model)
+        policy = policy or model.policy
+        if dtype is not None:
+            policy = policy.replace(dtype=jnp.dtype(dtype).name)
+        model = set_policy(nnx.clone(model), policy)
         model.eval()
         graphdef, state = nnx.split(model)
-        self.dtype = jnp.dtype(dtype)
-        compute = self.dtype
+        self.policy = policy
+        self.dtype = compute = policy.compute_dtype
         if compute != jnp.float32:
             state = cast_floats(state, compute)
 
@@ -92,7 +99,7 @@ def load_fuser(ckpt: str | os.PathLike, *, cache: bool = True, **kwargs) -> Fuse
 
     cache: enable the persistent compilation cache (`enable_compilation_cache`; location
     from $SMFNET_JAX_CACHE, default ~/.cache/smfnet_jax/xla, SMFNET_JAX_CACHE=off disables).
-    Other keyword arguments go to `Fuser` (dtype). Called before any JAX computation
+    Other keyword arguments go to `Fuser` (policy, dtype). Called before any JAX computation
     in the process, it also sets the memory-saving XLA:CPU flags (`configure_xla_cpu`).
     """
     configure_xla_cpu()

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from smfnet_jax.model import SMFNet, abstract_model, create_model
-from smfnet_jax.torch_weights.mapping import (KeyMapError, check_finite, export_reference_weights,
+from smfnet_jax.torch_weights.mapping import (check_finite, export_reference_weights,
                                               extras_template, flatten_reference,
                                               load_reference_weights, reference_arrays,
                                               unflatten_reference)

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from smfnet_jax import backend
+from smfnet_jax import kernels
+from smfnet_jax.policy import ComputePolicy, resolve
 
 Array = jax.Array
 
@@ -52,101 +53,6 @@ def normal_init(std: float) -> Callable:
     return init
 
 
-def _xla_conv(x: Array, kernel: Array, dilation: int, groups: int = 1, padding: int = 0) -> Array:
-    return jax.lax.conv_general_dilated(
-        x, kernel, window_strides=(1, 1), padding=((padding, padding), (padding, padding)),
-        rhs_dilation=(dilation, dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=groups)
-
-
-def _xla_conv_padded(x: Array, kernel: Array, dilation: int, padding: int, pad_mode: str,
-                     groups: int = 1) -> Array:
-    """XLA's convolution; zero padding inside it (no padded copy), reflection padded first."""
-    if pad_mode == "zeros":
-        return _xla_conv(x, kernel, dilation, groups, padding)
-    return _xla_conv(pad_hw(x, padding, pad_mode), kernel, dilation, groups)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv_zero_padded(x: Array, kernel: Array, padding: int = 0, dilation: int = 1) -> Array:
-    """Dense stride-1 convolution with zero padding, and a hand-written backward pass.
-
-    XLA:CPU differentiates a convolution into another convolution whose kernel-gradient form
-    is slower than one matmul per tap. Written out: the input gradient is a forward
-    convolution of the cotangent with the flipped, transposed kernel, zero padded by
-    dilation * (k - 1) - padding inside XLA's convolution (no padded copy, no crop: a cropped
-    'full' convolution ran ~25% slower); the kernel gradient one (C, pixels) @ (pixels, O)
-    matmul per tap over the padded input's shifted windows.
-    """
-    return _xla_conv(x, kernel, dilation, padding=padding)
-
-
-def _conv_fwd(x, kernel, padding, dilation):
-    return _xla_conv(x, kernel, dilation, padding=padding), (x, kernel)
-
-
-def _conv_bwd(padding, dilation, residuals, g):
-    x, kernel = residuals
-    kh, kw = kernel.shape[:2]
-    back = dilation * (kh - 1) - padding, dilation * (kw - 1) - padding
-    dx = jax.lax.conv_general_dilated(
-        g, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2), window_strides=(1, 1),
-        padding=((back[0], back[0]), (back[1], back[1])), rhs_dilation=(dilation, dilation),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    xp = pad_hw(x, padding)
-    n, h, w, o = g.shape
-    g2 = g.reshape(n * h * w, o)
-    # Each tap a two-dimensional x_tap^T @ g over flattened pixels: as a contraction over
-    # (n, h, w) XLA:CPU adds transposed copies and runs ~1.8x slower (measured).
-    taps = [[jnp.matmul(xp[:, i * dilation:i * dilation + h, j * dilation:j * dilation + w, :]
-                        .reshape(n * h * w, x.shape[3]).T, g2,
-                        preferred_element_type=jnp.float32)
-             for j in range(kw)] for i in range(kh)]
-    dk = jnp.stack([jnp.stack(row) for row in taps])
-    return dx.astype(x.dtype), dk.astype(kernel.dtype)
-
-
-conv_zero_padded.defvjp(_conv_fwd, _conv_bwd)
-
-
-def pointwise(x: Array, kernel: Array) -> Array:
-    """A 1x1 convolution of NHWC `x` with a (C, D) kernel, as one (pixels, C) @ (C, D) matmul.
-
-    Pixels are flattened first so that the kernel gradient is a plain two-dimensional
-    x^T g; written as a contraction over (n, h, w), XLA:CPU transposes the cotangent into a
-    fused copy that reads its inputs a cache line per element (3x slower, measured).
-    """
-    n, h, w, c = x.shape
-    return (x.reshape(n * h * w, c) @ kernel).reshape(n, h, w, kernel.shape[1])
-
-
-def pad_hw(x: Array, padding: int, mode: str = "zeros") -> Array:
-    """Pad the two spatial axes of NHWC `x` by `padding` ("zeros" or "reflect")."""
-    if not padding:
-        return x
-    return jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)),
-                   mode="reflect" if mode == "reflect" else "constant")
-
-
-def dense_conv(x: Array, kernel: Array, *, padding: int = 0, dilation: int = 1,
-               pad_mode: str = "zeros") -> Array:
-    """Stride-1 dense convolution of NHWC `x` with an HWIO kernel, by the backend's route.
-
-    `backend.impl() == "xla"` (GPU/TPU): XLA's convolution, zero padding inside it, automatic
-    differentiation. On XLA:CPU ("cpu"): a 1x1 conv is a matmul over flattened pixels
-    (`pointwise`: ~3x faster than a 1x1 convolution, forward and backward); any other is
-    XLA's convolution with the hand-written backward of `conv_zero_padded`. Both routes
-    pad by reflection first when asked to, and compute the same forward.
-    """
-    if backend.impl() == "cpu":
-        if kernel.shape[:2] == (1, 1) and not padding:
-            return pointwise(x, kernel[0, 0])
-        if pad_mode == "zeros":
-            return conv_zero_padded(x, kernel, padding, dilation)
-        return conv_zero_padded(pad_hw(x, padding, pad_mode), kernel, 0, dilation)
-    return _xla_conv_padded(x, kernel, dilation, padding, pad_mode)
-
-
 def split_outputs(apply: Callable[[slice | None], Array], channels: int, n: int,
                   per_block: bool) -> list[Array]:
     """A projection's output split into n equal channel blocks (q, k and v of a qkv
@@ -166,13 +72,14 @@ def split_outputs(apply: Callable[[slice | None], Array], channels: int, n: int,
     return [y[..., s] for s in blocks]
 
 
-def dense_conv_blocks(x: Array, kernel: Array, n: int, *, padding: int = 0, dilation: int = 1,
-                      pad_mode: str = "zeros", deterministic: bool = False) -> list[Array]:
-    """`dense_conv(x, kernel)` split into its n equal output-channel blocks (`split_outputs`;
-    `deterministic`: eval mode)."""
+def dense_conv_blocks(x: Array, kernel: Array, n: int, policy: ComputePolicy, *, padding: int = 0,
+                      dilation: int = 1, pad_mode: str = "zeros",
+                      deterministic: bool = False) -> list[Array]:
+    """`kernels.dense_conv(x, kernel)` split into its n equal output-channel blocks
+    (`split_outputs`; `deterministic`: eval mode)."""
     def apply(s):
-        return dense_conv(x, kernel if s is None else kernel[..., s], padding=padding,
-                          dilation=dilation, pad_mode=pad_mode)
+        return kernels.dense_conv(x, kernel if s is None else kernel[..., s], policy,
+                                  padding=padding, dilation=dilation, pad_mode=pad_mode)
     return split_outputs(apply, kernel.shape[3], n, per_block=deterministic)
 
 
@@ -191,12 +98,14 @@ class Conv2d(nnx.Module):
       the input then holds just those channels.
     `deterministic` is NNX's eval-mode flag (set by `model.eval()` / `model.train()`); it
     picks how `conv_blocks` computes a split projection (`split_outputs`), never the result.
+    `policy` (static, `smfnet_jax.policy`): the routines and precision it computes with;
+    default `resolve()`, and a model sets its own on every module (`set_policy`).
     """
 
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 1, *, padding: int = 0,
                  dilation: int = 1, groups: int = 1, bias: bool = True,
                  pad_mode: str = "zeros", kernel_init: Callable | None = None,
-                 rngs: nnx.Rngs):
+                 policy: ComputePolicy | None = None, rngs: nnx.Rngs):
         if in_ch % groups or out_ch % groups:
             raise ValueError(f"channels {in_ch}->{out_ch} not divisible by groups={groups}")
         fan_in = (in_ch // groups) * kernel_size * kernel_size
@@ -210,6 +119,7 @@ class Conv2d(nnx.Module):
         self.groups = groups
         self.pad_mode = pad_mode
         self.deterministic = False
+        self.policy = policy or resolve()
 
     def __call__(self, x: Array | Sequence[Array], out: slice | None = None) -> Array:
         parts = list(x) if isinstance(x, (list, tuple)) else [x]
@@ -224,13 +134,11 @@ class Conv2d(nnx.Module):
             y = self._dense_of_parts(parts, kernel)
         elif not (depthwise or (len(parts) == 1 and out is None)):
             raise ValueError("a grouped conv takes one input, and output slices only when depthwise")
-        elif depthwise and backend.impl() == "cpu":
-            # shifted multiply-adds: XLA:CPU's grouped conv is 3-7x slower
-            y = depthwise_valid(pad_hw(parts[0], self.padding, self.pad_mode), kernel[:, :, 0, :],
-                                self.dilation)
         else:
-            y = _xla_conv_padded(parts[0], kernel, self.dilation, self.padding, self.pad_mode,
-                                 kernel.shape[3] if depthwise else self.groups)
+            y = kernels.grouped_conv(parts[0], kernel, self.policy,
+                                     groups=kernel.shape[3] if depthwise else self.groups,
+                                     padding=self.padding, dilation=self.dilation,
+                                     pad_mode=self.pad_mode)
         if bias is not None:
             y = y + bias.astype(y.dtype)
         return y
@@ -241,8 +149,9 @@ class Conv2d(nnx.Module):
             raise ValueError(f"conv with {kernel.shape[2]} input channels got parts of {sizes}")
         y, start = None, 0
         for part, c in zip(parts, sizes):
-            t = dense_conv(part, kernel[:, :, start:start + c] if len(parts) > 1 else kernel,
-                           padding=self.padding, dilation=self.dilation, pad_mode=self.pad_mode)
+            t = kernels.dense_conv(part, kernel[:, :, start:start + c] if len(parts) > 1 else kernel,
+                                   self.policy, padding=self.padding, dilation=self.dilation,
+                                   pad_mode=self.pad_mode)
             y = t if y is None else y + t
             start += c
         return y
@@ -259,53 +168,6 @@ def conv_blocks(convs: Sequence[Conv2d], x: Array | Sequence[Array], n: int) -> 
     return split_outputs(chain, convs[0].kernel.shape[3], n, per_block=convs[0].deterministic)
 
 
-def _shift_sum(xp: Array, k: Array, dilation: int) -> Array:
-    """sum_{i,j} xp[:, i*d : i*d + h, j*d : j*d + w, :] * k[i, j]: a 'valid' depthwise conv."""
-    kh, kw, _ = k.shape
-    h = xp.shape[1] - dilation * (kh - 1)
-    w = xp.shape[2] - dilation * (kw - 1)
-    out = None
-    for i in range(kh):
-        for j in range(kw):
-            term = xp[:, i * dilation:i * dilation + h, j * dilation:j * dilation + w, :] * k[i, j]
-            out = term if out is None else out + term
-    return out
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def depthwise_valid(xp: Array, k: Array, dilation: int = 1) -> Array:
-    """Depthwise 'valid' convolution (k: (kh, kw, C)) as a sum of shifted, scaled copies.
-
-    XLA:CPU lowers feature_group_count == channels convolutions to a slow generic loop
-    (7x slower forward, 3x backward, measured); the shifted form fuses into one pass. Its
-    automatic derivative would materialise one padded buffer per tap, so the backward is
-    written out: the input gradient is the same shifted sum over the padded cotangent with
-    the flipped kernel, the kernel gradient nine fused reductions.
-    """
-    return _shift_sum(xp, k, dilation)
-
-
-def _depthwise_fwd(xp, k, dilation):
-    return _shift_sum(xp, k, dilation), (xp, k)
-
-
-def _depthwise_bwd(dilation, residuals, g):
-    xp, k = residuals
-    kh, kw, _ = k.shape
-    ph, pw = dilation * (kh - 1), dilation * (kw - 1)
-    gp = jnp.pad(g, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
-    dxp = _shift_sum(gp, k[::-1, ::-1], dilation)
-    h, w = g.shape[1], g.shape[2]
-    dk = jnp.stack([
-        jnp.stack([jnp.sum(xp[:, i * dilation:i * dilation + h, j * dilation:j * dilation + w, :] * g,
-                           axis=(0, 1, 2)) for j in range(kw)])
-        for i in range(kh)])
-    return dxp.astype(xp.dtype), dk.astype(k.dtype)
-
-
-depthwise_valid.defvjp(_depthwise_fwd, _depthwise_bwd)
-
-
 class LayerNorm(nnx.Module):
     """The reference's channel LayerNorm ('WithBias' / 'BiasFree'): biased variance, eps 1e-5.
 
@@ -317,7 +179,7 @@ class LayerNorm(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32)) if with_bias else None
 
     def __call__(self, x: Array) -> Array:
-        xf = x.astype(jnp.float32)  # statistics in float32 whatever the compute dtype
+        xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # statistics in >= float32
         mu = jnp.mean(xf, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(xf - mu), axis=-1, keepdims=True)
         inv = jax.lax.rsqrt(var + 1e-5)
@@ -440,7 +302,8 @@ def _torch_abs_jvp(primals, tangents):
     return jnp.abs(x), jnp.sign(x) * t
 
 
-def channel_attention_matrix(q: Array, k: Array, temperature: Array, heads: int) -> Array:
+def channel_attention_matrix(q: Array, k: Array, temperature: Array, heads: int, *,
+                             precision) -> Array:
     """The (N, C, C) matrix B with channel_attention(q, k, v) = v @ B (pixels flattened).
 
     Restormer's transposed attention: per head, softmax over channels of the q/k
@@ -449,25 +312,29 @@ def channel_attention_matrix(q: Array, k: Array, temperature: Array, heads: int)
     transposes than on the attention): one (C x C) Gram matrix q^T k per image, whose
     per-head diagonal blocks are the logits; the L2 norms are applied to the logits
     (1 / max(|q|, eps) factors out of the dot); B = blockdiag over heads of attn^T.
-    Equal to the reference's order of operations up to float rounding. Float32 inside.
+    Equal to the reference's order of operations up to float rounding. Float32 inside
+    (float64 in a float64 run);
+    `precision`: the policy's, for every dot.
     """
     n, h, w, c = q.shape
     ch = c // heads
+    f = jnp.promote_types(q.dtype, jnp.float32)  # float32 for bf16 activations, float64 kept
     q, k = (t.reshape(n, h * w, c) for t in (q, k))
-    inv_q = 1.0 / jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(q.astype(jnp.float32)), axis=1)), 1e-12)
-    inv_k = 1.0 / jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(k.astype(jnp.float32)), axis=1)), 1e-12)
-    gram = jnp.einsum("nsc,nsd->ncd", q, k, preferred_element_type=jnp.float32)
+    inv_q = 1.0 / jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(q.astype(f)), axis=1)), 1e-12)
+    inv_k = 1.0 / jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(k.astype(f)), axis=1)), 1e-12)
+    gram = kernels.einsum("nsc,nsd->ncd", q, k, precision=precision, preferred_element_type=f)
     blocks = gram.reshape(n, heads, ch, heads, ch)
     logits = jnp.stack([blocks[:, i, :, i, :] for i in range(heads)], axis=1)  # (n, heads, ch, ch)
     logits = (logits * inv_q.reshape(n, heads, ch, 1) * inv_k.reshape(n, heads, 1, ch)
-              * temperature.astype(jnp.float32).reshape(1, heads, 1, 1))
+              * temperature.astype(f).reshape(1, heads, 1, 1))
     attn = jax.nn.softmax(logits, axis=-1)                        # attn[n, h, c, d]
     # out[s, (h, c)] = sum_d attn[h, c, d] v[s, (h, d)] = v @ B, B[(h, d), (h, c)] = attn[h, c, d]
-    return jnp.einsum("nhcd,hg->nhdgc", attn, jnp.eye(heads, dtype=attn.dtype)).reshape(n, c, c)
+    return kernels.einsum("nhcd,hg->nhdgc", attn, jnp.eye(heads, dtype=attn.dtype),
+                          precision=precision).reshape(n, c, c)
 
 
 def channel_attention(q: Array, k: Array, v: Array, temperature: Array, heads: int,
-                      project: Conv2d | None = None) -> Array:
+                      project: Conv2d | None = None, *, precision) -> Array:
     """Transposed (channel) attention of Restormer's MDTA on NHWC q/k/v, followed by the
     1x1 output projection `project` (if given).
 
@@ -476,12 +343,13 @@ def channel_attention(q: Array, k: Array, v: Array, temperature: Array, heads: i
     image, one pixels x C @ C x C' matmul instead of two. Equal up to float rounding.
     """
     n, h, w, c = v.shape
-    b = channel_attention_matrix(q, k, temperature, heads)          # float32
+    b = channel_attention_matrix(q, k, temperature, heads, precision=precision)  # >= float32
     if project is not None:
         if project.kernel.shape[:2] != (1, 1) or project.groups != 1:
             raise ValueError("channel_attention: the projection must be a dense 1x1 conv")
-        b = jnp.einsum("ncd,de->nce", b, project.kernel[...][0, 0].astype(jnp.float32))
-    y = jnp.einsum("nsc,nce->nse", v.reshape(n, h * w, c), b.astype(v.dtype))
+        b = kernels.einsum("ncd,de->nce", b, project.kernel[...][0, 0].astype(b.dtype),
+                           precision=precision)
+    y = kernels.einsum("nsc,nce->nse", v.reshape(n, h * w, c), b.astype(v.dtype), precision=precision)
     if project is not None and project.bias is not None:
         y = y + project.bias[...].astype(y.dtype)
     return y.reshape(n, h, w, -1)

@@ -33,11 +33,12 @@ reductions that the reference does over the whole tensor (means, correlation, Gr
 are layout independent, so the values match.
 
 Computation is done in float32 (inputs of lower precision, e.g. bfloat16 activations, are
-promoted) and convolutions / matmuls ask for ``Precision.HIGHEST`` so that GPUs/TPUs do
-not silently drop to TF32/bf16 passes.
+promoted) and every convolution / matmul passes ``precision`` (default ``"highest"``, so that
+GPUs/TPUs do not silently drop to TF32/bf16 passes); the trainer passes its model policy's.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Mapping, Sequence, Union
 
 import jax
@@ -45,7 +46,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from smfnet_jax import kernels
 from smfnet_jax.layers import torch_abs
+from smfnet_jax.policy import lax_precision
 
 __all__ = [
     "ssim_loss",
@@ -140,19 +143,17 @@ def _clamp(x: jax.Array, lo: float, hi: float) -> jax.Array:
     return jnp.where(x < lo, lo, jnp.where(x > hi, hi, x)).astype(x.dtype)
 
 
-def _depthwise_correlate(x_padded: jax.Array, kernels: np.ndarray) -> jax.Array:
+def _depthwise_correlate(x_padded: jax.Array, taps: np.ndarray, precision: str) -> jax.Array:
     """Cross-correlate each channel of an already padded NHWC array with K 2-D kernels.
 
     Returns (N, H', W', C, K) with 'valid' output size.
     """
-    k, kh, kw = kernels.shape
+    k, kh, kw = taps.shape
     c = x_padded.shape[-1]
     # rhs (kh, kw, 1, C*K): output channel c*K + j is channel c filtered by kernel j.
-    rhs = np.tile(np.transpose(kernels, (1, 2, 0))[:, :, None, :], (1, 1, 1, c))
-    out = lax.conv_general_dilated(
-        x_padded, jnp.asarray(rhs, x_padded.dtype), window_strides=(1, 1), padding="VALID",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c,
-        precision=lax.Precision.HIGHEST)
+    rhs = np.tile(np.transpose(taps, (1, 2, 0))[:, :, None, :], (1, 1, 1, c))
+    out = kernels.conv_op(x_padded, jnp.asarray(rhs, x_padded.dtype), groups=c,
+                          precision=lax_precision(precision))
     n, h, w, _ = out.shape
     return out.reshape(n, h, w, c, k)
 
@@ -169,8 +170,8 @@ def _windows(x_padded: jax.Array) -> jax.Array:
     return jnp.stack([x_padded[:, a:a + h, b:b + w] for a in range(k) for b in range(k)], axis=-1)
 
 
-@jax.checkpoint  # the 121-tap windows are recomputed in the backward pass, never stored
-def _local_moments(x_padded: jax.Array, y_padded: jax.Array):
+@partial(jax.checkpoint, static_argnums=(2,))  # the 121-tap windows are recomputed, never stored
+def _local_moments(x_padded: jax.Array, y_padded: jax.Array, precision: str):
     """kornia's local statistics of two reflect-padded images: the windowed means mu_x, mu_y
     and var_x = E[x^2] - mu_x^2, var_y, cov = E[xy] - mu_x mu_y, E[.] the window-weighted sum.
 
@@ -183,21 +184,21 @@ def _local_moments(x_padded: jax.Array, y_padded: jax.Array):
     window w; the covariance likewise. c is held constant for differentiation: the
     expression does not depend on it, so the gradient is exact (2 w (x - mu_x) per tap).
     """
-    hi = lax.Precision.HIGHEST
+    hi = lax_precision(precision)
     kernel = jnp.asarray(_SSIM_KERNEL.reshape(-1), x_padded.dtype)
     wx, wy = _windows(x_padded), _windows(y_padded)
-    mu_x = jnp.einsum("nhwct,t->nhwc", wx, kernel, precision=hi)
-    mu_y = jnp.einsum("nhwct,t->nhwc", wy, kernel, precision=hi)
+    mu_x = kernels.einsum("nhwct,t->nhwc", wx, kernel, precision=hi)
+    mu_y = kernels.einsum("nhwct,t->nhwc", wy, kernel, precision=hi)
     cx, cy = lax.stop_gradient(mu_x), lax.stop_gradient(mu_y)
     dx, dy = wx - cx[..., None], wy - cy[..., None]
-    var_x = jnp.einsum("nhwct,t->nhwc", dx * dx, kernel, precision=hi)
-    var_y = jnp.einsum("nhwct,t->nhwc", dy * dy, kernel, precision=hi)
-    cov = jnp.einsum("nhwct,t->nhwc", dx * dy, kernel, precision=hi)
+    var_x = kernels.einsum("nhwct,t->nhwc", dx * dx, kernel, precision=hi)
+    var_y = kernels.einsum("nhwct,t->nhwc", dy * dy, kernel, precision=hi)
+    cov = kernels.einsum("nhwct,t->nhwc", dx * dy, kernel, precision=hi)
     d = _SSIM_KERNEL_DEFICIT
     return mu_x, mu_y, var_x + d * cx * cx, var_y + d * cy * cy, cov + d * cx * cy
 
 
-def ssim_loss(img1: ArrayLike, img2: ArrayLike) -> jax.Array:
+def ssim_loss(img1: ArrayLike, img2: ArrayLike, *, precision: str = "highest") -> jax.Array:
     """kornia 0.2.0 ``SSIM(11, reduction='mean')(img1, img2)`` for NHWC images.
 
     Per channel: kornia's 11x11 Gaussian window (sigma 1.5), reflect padding of 5 (so H, W >= 6),
@@ -214,7 +215,7 @@ def ssim_loss(img1: ArrayLike, img2: ArrayLike) -> jax.Array:
         raise ValueError(f"smfnet_jax.losses.ssim_loss: H and W must exceed {pad} for reflect "
                          f"padding, got shape {tuple(x.shape)}")
     mu1, mu2, sigma1_sq, sigma2_sq, sigma12 = _local_moments(
-        _pad_hw(x, pad, "reflect"), _pad_hw(y, pad, "reflect"))
+        _pad_hw(x, pad, "reflect"), _pad_hw(y, pad, "reflect"), precision)
     mu1_mu2 = mu1 * mu2
     ssim_map = ((2.0 * mu1_mu2 + _SSIM_C1) * (2.0 * sigma12 + _SSIM_C2)) / (
         (mu1 * mu1 + mu2 * mu2 + _SSIM_C1) * (sigma1_sq + sigma2_sq + _SSIM_C2))
@@ -222,7 +223,7 @@ def ssim_loss(img1: ArrayLike, img2: ArrayLike) -> jax.Array:
 
 
 # --------------------------------------------------------------------------- Sobel (loss.py)
-def sobel_gradient(x: ArrayLike) -> jax.Array:
+def sobel_gradient(x: ArrayLike, *, precision: str = "highest") -> jax.Array:
     """loss.py ``Sobelxy``: |Sobel_x * x| + |Sobel_y * x|, zero padding 1, un-normalised.
 
     NHWC in, same shape out. The reference only accepts one channel; here each channel is
@@ -230,7 +231,8 @@ def sobel_gradient(x: ArrayLike) -> jax.Array:
     """
     x = _as_float(x)
     _check_nhwc("sobel_gradient", x)
-    g = _depthwise_correlate(_pad_hw(x, 1, "constant"), np.stack([_SOBEL_X, _SOBEL_Y_LOSSPY]))
+    g = _depthwise_correlate(_pad_hw(x, 1, "constant"), np.stack([_SOBEL_X, _SOBEL_Y_LOSSPY]),
+                             precision)
     return torch_abs(g[..., 0]) + torch_abs(g[..., 1])
 
 
@@ -238,15 +240,16 @@ def _l1(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.mean(torch_abs(a - b))
 
 
-def stage1_gradient_loss(orig: ArrayLike, rec: ArrayLike) -> jax.Array:
+def stage1_gradient_loss(orig: ArrayLike, rec: ArrayLike, *, precision: str = "highest") -> jax.Array:
     """loss.py ``Fusion_loss_stage1``: L1 between Sobelxy of the first channels."""
     orig = _as_float(orig)
     rec = _as_float(rec)
     _check_nhwc("stage1_gradient_loss", orig, rec)
-    return _l1(sobel_gradient(orig[..., :1]), sobel_gradient(rec[..., :1]))
+    return _l1(sobel_gradient(orig[..., :1], precision=precision),
+               sobel_gradient(rec[..., :1], precision=precision))
 
 
-def fusion_loss(vi: ArrayLike, ir: ArrayLike, fused: ArrayLike):
+def fusion_loss(vi: ArrayLike, ir: ArrayLike, fused: ArrayLike, *, precision: str = "highest"):
     """loss.py ``Fusionloss(image_vis, image_ir, generate_img)``.
 
     Returns ``(total, intensity, gradient)`` with intensity = L1(max(vi_y, ir), fused),
@@ -259,28 +262,29 @@ def fusion_loss(vi: ArrayLike, ir: ArrayLike, fused: ArrayLike):
     vi_y = vi[..., :1]
     _check_nhwc("fusion_loss", vi_y, ir, fused)
     intensity = _l1(jnp.maximum(vi_y, ir), fused)
-    joint_grad = jnp.maximum(sobel_gradient(vi_y), sobel_gradient(ir))
-    gradient = _l1(joint_grad, sobel_gradient(fused))
+    joint_grad = jnp.maximum(sobel_gradient(vi_y, precision=precision),
+                             sobel_gradient(ir, precision=precision))
+    gradient = _l1(joint_grad, sobel_gradient(fused, precision=precision))
     return intensity + COEFF_FUSION_GRAD * gradient, intensity, gradient
 
 
 # --------------------------------------------------------------------------- Gram
-def gram_matrix(y: ArrayLike) -> jax.Array:
+def gram_matrix(y: ArrayLike, *, precision: str = "highest") -> jax.Array:
     """loss.py ``gram_matrix`` for NHWC: (N, C, C) = F^T F / (C*H*W), F = (N, H*W, C)."""
     y = _as_float(y)
     _check_nhwc("gram_matrix", y)
     n, h, w, c = y.shape
     f = y.reshape(n, h * w, c)
-    return jnp.einsum("npc,npd->ncd", f, f, precision=lax.Precision.HIGHEST) / (c * h * w)
+    return kernels.einsum("npc,npd->ncd", f, f, precision=lax_precision(precision)) / (c * h * w)
 
 
-def gram_mse_loss(a: ArrayLike, b: ArrayLike) -> jax.Array:
+def gram_mse_loss(a: ArrayLike, b: ArrayLike, *, precision: str = "highest") -> jax.Array:
     """``MSELoss(gram_matrix(a), gram_matrix(b))`` (mean over N*C*C)."""
-    return jnp.mean(jnp.square(gram_matrix(a) - gram_matrix(b)))
+    return jnp.mean(jnp.square(gram_matrix(a, precision=precision) - gram_matrix(b, precision=precision)))
 
 
 # --------------------------------------------------------------------------- kornia SpatialGradient
-def spatial_gradient(x: ArrayLike) -> jax.Array:
+def spatial_gradient(x: ArrayLike, *, precision: str = "highest") -> jax.Array:
     """kornia 0.2.0 ``SpatialGradient()`` (Sobel, order 1, normalised) for NHWC input.
 
     Replicate padding; returns (N, H, W, C, 2) with [..., 0] = d/dx (along W) and
@@ -288,12 +292,12 @@ def spatial_gradient(x: ArrayLike) -> jax.Array:
     """
     x = _as_float(x)
     _check_nhwc("spatial_gradient", x)
-    return _depthwise_correlate(_pad_hw(x, 1, "edge"), _KORNIA_SOBEL)
+    return _depthwise_correlate(_pad_hw(x, 1, "edge"), _KORNIA_SOBEL, precision)
 
 
-def spatial_gradient_l1_loss(a: ArrayLike, b: ArrayLike) -> jax.Array:
+def spatial_gradient_l1_loss(a: ArrayLike, b: ArrayLike, *, precision: str = "highest") -> jax.Array:
     """``L1Loss(SpatialGradient()(a), SpatialGradient()(b))``."""
-    return _l1(spatial_gradient(a), spatial_gradient(b))
+    return _l1(spatial_gradient(a, precision=precision), spatial_gradient(b, precision=precision))
 
 
 # --------------------------------------------------------------------------- Lovasz-softmax
@@ -314,7 +318,7 @@ def _lovasz_grad(fg_sorted: jax.Array, valid_sorted: jax.Array) -> jax.Array:
 
 def lovasz_softmax(probas: ArrayLike, labels: ArrayLike,
                    classes: Union[str, Sequence[int]] = "present",
-                   ignore=None) -> jax.Array:
+                   ignore=None, *, precision: str = "highest") -> jax.Array:
     """Multi-class Lovasz-softmax loss (Berman et al. 2018), batch-flattened.
 
     probas: (N, H, W, C) class probabilities; labels: (N, H, W) class ids (may be float,
@@ -349,7 +353,7 @@ def lovasz_softmax(probas: ArrayLike, labels: ArrayLike,
         perm = jnp.argsort(-jnp.where(valid > 0, errors, -1.0), stable=True)
         perm = lax.stop_gradient(perm)
         grad = lax.stop_gradient(_lovasz_grad(fg[perm], valid[perm]))
-        losses.append(jnp.dot(errors[perm], grad, precision=lax.Precision.HIGHEST))
+        losses.append(kernels.einsum("i,i->", errors[perm], grad, precision=lax_precision(precision)))
         if present_only:
             weights.append((jnp.sum(fg) > 0).astype(p.dtype))
         else:
@@ -363,7 +367,7 @@ def lovasz_softmax(probas: ArrayLike, labels: ArrayLike,
     return jnp.where(count > 0, jnp.sum(losses * weights) / jnp.maximum(count, 1.0), 0.0)
 
 
-def lovasz_softmax_seg_loss(image: ArrayLike, label: ArrayLike) -> jax.Array:
+def lovasz_softmax_seg_loss(image: ArrayLike, label: ArrayLike, *, precision: str = "highest") -> jax.Array:
     """loss.py ``Seg_loss(image, label)``: Lovasz-softmax of softmax(image over channels)
     against ``label[..., 0]`` used as class ids, classes='present'.
 
@@ -378,7 +382,8 @@ def lovasz_softmax_seg_loss(image: ArrayLike, label: ArrayLike) -> jax.Array:
         raise ValueError("smfnet_jax.losses.lovasz_softmax_seg_loss: expected image (N, H, W, C)"
                          f" and label (N, H, W, 1), got {tuple(image.shape)} and "
                          f"{tuple(label.shape)}")
-    return lovasz_softmax(jax.nn.softmax(image, axis=-1), label[..., 0], classes="present")
+    return lovasz_softmax(jax.nn.softmax(image, axis=-1), label[..., 0], classes="present",
+                          precision=precision)
 
 
 # --------------------------------------------------------------------------- correlation
@@ -427,7 +432,8 @@ def _get_outputs(outputs: Mapping[str, ArrayLike], keys, where: str):
     return [outputs[k] for k in keys]
 
 
-def phase1_sample_terms(outputs: Mapping[str, ArrayLike], vi: ArrayLike, ir: ArrayLike):
+def phase1_sample_terms(outputs: Mapping[str, ArrayLike], vi: ArrayLike, ir: ArrayLike, *,
+                        precision: str = "highest"):
     """Phase-I terms that are means over the batch of per-sample quantities.
 
     Over equal-sized micro-batches each is the average of the micro-batch values, which is
@@ -437,17 +443,17 @@ def phase1_sample_terms(outputs: Mapping[str, ArrayLike], vi: ArrayLike, ir: Arr
     vi = _as_float(vi)
     ir = _as_float(ir)
     return {
-        "ssim_loss_vi": ssim_loss(vi, vi_hat),
-        "stage1_grad_vi": stage1_gradient_loss(vi, vi_hat),
-        "ssim_loss_ir": ssim_loss(ir, ir_hat),
-        "gram_mse_ir": gram_mse_loss(ir, ir_hat),
-        "stage1_grad_ir": stage1_gradient_loss(ir, ir_hat),
-        "spatial_gradient_l1_vi": spatial_gradient_l1_loss(vi, vi_hat),
+        "ssim_loss_vi": ssim_loss(vi, vi_hat, precision=precision),
+        "stage1_grad_vi": stage1_gradient_loss(vi, vi_hat, precision=precision),
+        "ssim_loss_ir": ssim_loss(ir, ir_hat, precision=precision),
+        "gram_mse_ir": gram_mse_loss(ir, ir_hat, precision=precision),
+        "stage1_grad_ir": stage1_gradient_loss(ir, ir_hat, precision=precision),
+        "spatial_gradient_l1_vi": spatial_gradient_l1_loss(vi, vi_hat, precision=precision),
     }
 
 
 def phase1_batch_terms(outputs: Mapping[str, ArrayLike], vi: ArrayLike, *,
-                       decomp_grad: bool = False):
+                       decomp_grad: bool = False, precision: str = "highest"):
     """Phase-I terms of the whole batch: the correlations, the decomposition term and the
     Lovasz seg term (a sort over all pixels; a constant with zero gradient, see
     `lovasz_softmax_seg_loss`)."""
@@ -458,13 +464,13 @@ def phase1_batch_terms(outputs: Mapping[str, ArrayLike], vi: ArrayLike, *,
     return {
         "cc_base": cc_b,
         "cc_detail": cc_d,
-        "seg_loss_vi": lovasz_softmax_seg_loss(vi_hat, _as_float(vi)),
+        "seg_loss_vi": lovasz_softmax_seg_loss(vi_hat, _as_float(vi), precision=precision),
         "decomp_phase1": cc_d ** 2 / (DECOMP_OFFSET + cc_b),
     }
 
 
 def phase1_loss(outputs: Mapping[str, ArrayLike], vi: ArrayLike, ir: ArrayLike, *,
-                decomp_grad: bool = False):
+                decomp_grad: bool = False, precision: str = "highest"):
     """Phase-I objective of the reference train.py.
 
     outputs (all NHWC): ``vi_hat``, ``ir_hat`` (N, H, W, 1) reconstructions;
@@ -480,23 +486,26 @@ def phase1_loss(outputs: Mapping[str, ArrayLike], vi: ArrayLike, ir: ArrayLike, 
     ssim_loss_ir, gram_mse_ir, stage1_grad_ir, spatial_gradient_l1_vi,
     decomp_phase1 (= cc_detail**2 / (1.01 + cc_base), before the factor 2), total_phase1.
     ``decomp_grad=True`` lets the correlation terms carry gradients (the reference does not).
+    ``precision``: of every conv and dot (the model's policy's; `smfnet_jax.policy`).
     """
     _get_outputs(outputs, PHASE1_OUTPUT_KEYS, "phase1_loss")
-    terms = {**phase1_batch_terms(outputs, vi, decomp_grad=decomp_grad),
-             **phase1_sample_terms(outputs, vi, ir)}
+    terms = {**phase1_batch_terms(outputs, vi, decomp_grad=decomp_grad, precision=precision),
+             **phase1_sample_terms(outputs, vi, ir, precision=precision)}
     total = combine_phase1_terms(terms)
     terms["total_phase1"] = total
     return total, terms
 
 
-def phase2_sample_terms(outputs: Mapping[str, ArrayLike], vi: ArrayLike, ir: ArrayLike):
+def phase2_sample_terms(outputs: Mapping[str, ArrayLike], vi: ArrayLike, ir: ArrayLike, *,
+                        precision: str = "highest"):
     """Phase-II terms that are batch means of per-sample quantities (Fusionloss's parts)."""
     (fused,) = _get_outputs(outputs, ("fused",), "phase2_sample_terms")
-    f_total, f_int, f_grad = fusion_loss(vi, ir, fused)
+    f_total, f_int, f_grad = fusion_loss(vi, ir, fused, precision=precision)
     return {"fusion_total": f_total, "fusion_intensity": f_int, "fusion_gradient": f_grad}
 
 
-def phase2_batch_terms(outputs: Mapping[str, ArrayLike], *, decomp_grad: bool = False):
+def phase2_batch_terms(outputs: Mapping[str, ArrayLike], *, decomp_grad: bool = False,
+                       precision: str = "highest"):
     """Phase-II terms of the whole batch: the correlations and the decomposition term."""
     vi_b, ir_b, vi_d, ir_d = _get_outputs(
         outputs, ("vi_base", "ir_base", "vi_detail", "ir_detail"), "phase2_batch_terms")
@@ -511,7 +520,7 @@ def phase2_batch_terms(outputs: Mapping[str, ArrayLike], *, decomp_grad: bool = 
 
 
 def phase2_loss(outputs: Mapping[str, ArrayLike], vi: ArrayLike, ir: ArrayLike, *,
-                decomp_grad: bool = False):
+                decomp_grad: bool = False, precision: str = "highest"):
     """Phase-II objective of the reference train.py.
 
     outputs (all NHWC): ``fused`` (N, H, W, 1); ``vi_base``, ``ir_base``, ``vi_detail``,
@@ -527,8 +536,8 @@ def phase2_loss(outputs: Mapping[str, ArrayLike], vi: ArrayLike, ir: ArrayLike, 
     of coeff_decomp), total_phase2 [, cc_graph].
     """
     _get_outputs(outputs, PHASE2_OUTPUT_KEYS, "phase2_loss")
-    terms = {**phase2_batch_terms(outputs, decomp_grad=decomp_grad),
-             **phase2_sample_terms(outputs, vi, ir)}
+    terms = {**phase2_batch_terms(outputs, decomp_grad=decomp_grad, precision=precision),
+             **phase2_sample_terms(outputs, vi, ir, precision=precision)}
     total = combine_phase2_terms(terms)
     terms["total_phase2"] = total
     return total, terms

@@ -22,9 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from smfnet_jax import kernels
 from smfnet_jax.layers import (BatchNorm2d, Conv2d, LayerNorm, channel_attention, conv_blocks,
                                dense_conv_blocks, gelu, leaky_relu, normal_init, relu6,
                                torch_abs)
+from smfnet_jax.policy import ComputePolicy, resolve, set_policy
 
 Array = jax.Array
 
@@ -39,10 +41,12 @@ class MDTA(nnx.Module):
         self.qkv = Conv2d(dim, 3 * dim, 1, bias=False, rngs=rngs)
         self.qkv_dw = Conv2d(3 * dim, 3 * dim, 3, padding=1, groups=3 * dim, bias=False, rngs=rngs)
         self.project_out = Conv2d(dim, dim, 1, bias=False, rngs=rngs)
+        self.policy = resolve()  # the model's, set by `set_policy`: the attention's dots
 
     def __call__(self, x: Array) -> Array:
         q, k, v = conv_blocks([self.qkv, self.qkv_dw], x, 3)
-        return channel_attention(q, k, v, self.temperature[...], self.heads, self.project_out)
+        return channel_attention(q, k, v, self.temperature[...], self.heads, self.project_out,
+                                 precision=self.policy.lax_precision)
 
 
 class DenseAttention(nnx.Module):
@@ -60,12 +64,15 @@ class DenseAttention(nnx.Module):
         self.qkv2 = Conv2d(3 * dim, 3 * dim, 3, padding=1, bias=False, rngs=rngs)
         self.proj = Conv2d(dim, dim, 1, bias=False, rngs=rngs)
         self.deterministic = False  # eval mode (model.eval()): how q/k/v are split, not what
+        self.policy = resolve()     # the model's, set by `set_policy`
 
     def __call__(self, x: Array) -> Array:
-        kernel = jnp.einsum("io,hwom->hwim", self.qkv1.kernel[...][0, 0],
-                            self.qkv2.kernel[...]).astype(x.dtype)
-        q, k, v = dense_conv_blocks(x, kernel, 3, padding=1, deterministic=self.deterministic)
-        return channel_attention(q, k, v, self.scale[...], self.heads, self.proj)
+        precision = self.policy.lax_precision
+        kernel = kernels.einsum("io,hwom->hwim", self.qkv1.kernel[...][0, 0], self.qkv2.kernel[...],
+                                precision=precision).astype(x.dtype)
+        q, k, v = dense_conv_blocks(x, kernel, 3, self.policy, padding=1,
+                                    deterministic=self.deterministic)
+        return channel_attention(q, k, v, self.scale[...], self.heads, self.proj, precision=precision)
 
 
 class LeFF(nnx.Module):
@@ -237,11 +244,13 @@ class CrossAttention(nnx.Module):
         self.kv_dw = Conv2d(2 * dim, 2 * dim, 3, padding=1, groups=2 * dim, rngs=rngs)
         self.q_dw = Conv2d(dim, dim, 3, padding=1, groups=dim, rngs=rngs)
         self.project_out = Conv2d(dim, dim, 1, rngs=rngs)
+        self.policy = resolve()  # the model's, set by `set_policy`: the attention's dots
 
     def __call__(self, guide: Array, other: Array) -> Array:
         q = self.q_dw(self.q(guide))
         k, v = conv_blocks([self.kv, self.kv_dw], other, 2)
-        return channel_attention(q, k, v, self.temperature[...], self.heads, self.project_out)
+        return channel_attention(q, k, v, self.temperature[...], self.heads, self.project_out,
+                                 precision=self.policy.lax_precision)
 
 
 class DetailNode(nnx.Module):
@@ -392,6 +401,7 @@ class GraphModel(nnx.Module):
                                   bias=False, rngs=rngs)
         self.gru = ConvGRUCell(dim, rngs=rngs)
         self.gamma = nnx.Param(jnp.zeros((1,), jnp.float32))
+        self.policy = resolve()  # the model's, set by `set_policy`: the edge matmuls
 
     def __call__(self, nodes: list[Array]) -> list[Array]:
         for _ in range(self.n_iter):
@@ -406,7 +416,8 @@ class GraphModel(nnx.Module):
         for i in range(n):
             h_t = nodes[i]
             neighbours = [nodes[j] for j in range(n) if j != i]
-            gates = [jax.nn.sigmoid((h_t - nb) @ kernel[:, g:g + 1].astype(h_t.dtype))
+            gates = [jax.nn.sigmoid(kernels.matmul(h_t - nb, kernel[:, g:g + 1].astype(h_t.dtype),
+                                                   precision=self.policy.lax_precision))
                      for g, nb in enumerate(neighbours)]            # each (..., 1)
             m_t = 0
             for g, nb in enumerate(neighbours):
@@ -535,14 +546,22 @@ class SMFNet(nnx.Module):
     passes and return every intermediate by name; `fuse` (also `model(vi, ir)`) is phase II's
     fused image computed in less memory. `model.eval()` / `model.train()` switch BatchNorm
     between running and batch statistics.
+
+    `policy` (`smfnet_jax.policy.ComputePolicy`; default `resolve()`: the routines for this
+    backend or $SMFNET_JAX_IMPL, precision highest, float32) is set on every module, as a
+    static attribute: it is part of the graphdef, so of every jit cache key. Change it with
+    `set_policy(model, policy)`. Its dtype is what the trainer and the fuser cast the
+    parameters and inputs to (`model.policy.compute_dtype`).
     """
 
-    def __init__(self, *, rngs: nnx.Rngs):
+    def __init__(self, *, rngs: nnx.Rngs, policy: ComputePolicy | None = None):
         self.encoder = Encoder(rngs=rngs)
         self.decoder = Decoder(rngs=rngs)
         self.graph = GR(rngs=rngs)
         self.base_fuse = RestormerBlock(rngs=rngs)     # [BaseFeatureExtraction]: the same block
         self.detail_fuse = DetailFuseLayer(rngs=rngs)
+        self.policy = policy or resolve()
+        set_policy(self, self.policy)
 
     def features(self, vi: Array, ir: Array) -> dict[str, Array]:
         """Encoder features of both modalities (one batch through the shared encoder) and
@@ -608,15 +627,16 @@ class SMFNet(nnx.Module):
 
 
 def _sigmoid_f32(logits: Array) -> Array:
-    """The output image, computed in float32 whatever the compute dtype (mixed precision)."""
-    return jax.nn.sigmoid(logits.astype(jnp.float32))
+    """The output image, computed in float32 whatever the compute dtype (mixed precision;
+    float64 in a float64 run)."""
+    return jax.nn.sigmoid(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)))
 
 
-def create_model(seed: int = 0) -> SMFNet:
+def create_model(seed: int = 0, policy: ComputePolicy | None = None) -> SMFNet:
     """A freshly initialised SMFNet (PyTorch-default-like init), in train mode."""
-    return SMFNet(rngs=nnx.Rngs(seed))
+    return SMFNet(rngs=nnx.Rngs(seed), policy=policy)
 
 
-def abstract_model() -> SMFNet:
+def abstract_model(policy: ComputePolicy | None = None) -> SMFNet:
     """The model's structure with shape-only leaves, for loading weights without an init."""
-    return nnx.eval_shape(lambda: SMFNet(rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: SMFNet(rngs=nnx.Rngs(0), policy=policy))

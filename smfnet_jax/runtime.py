@@ -10,7 +10,7 @@ from pathlib import Path
 
 import jax
 
-from smfnet_jax import backend
+from smfnet_jax import policy
 
 CACHE_ENV = "SMFNET_JAX_CACHE"
 JAX_CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
@@ -69,10 +69,10 @@ def configure_xla_cpu() -> bool:
     3.44 GB with it and 1.93 GB without. XLA reads $XLA_FLAGS once, when JAX creates its
     backends, so call this first thing in a process (the CLIs do); called later it only
     reaches subprocesses. Other backends ignore XLA:CPU flags. Flags already in $XLA_FLAGS
-    win. Nothing is added when $SMFNET_JAX_IMPL=xla (`smfnet_jax.backend`). Returns whether it
+    win. Nothing is added when $SMFNET_JAX_IMPL=xla (`smfnet_jax.policy`). Returns whether it
     added a flag.
     """
-    if backend.requested() == "xla":
+    if policy.requested_routines() == "xla":
         return False
     flags = os.environ.get("XLA_FLAGS", "")
     extra = [f for f in CPU_XLA_FLAGS if f.split("=")[0] not in flags]
@@ -94,4 +94,4 @@ def describe_platform() -> dict:
     """What a measurement ran on: platform, device kind and count, routines in force."""
     dev = jax.devices()[0]
     return {"platform": dev.platform, "device": str(dev.device_kind),
-            "device_count": jax.device_count(), "impl": backend.impl()}
+            "device_count": jax.device_count(), "impl": policy.resolve().routines}

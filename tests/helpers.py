@@ -29,3 +29,42 @@ def reference_channel_attention(q, k, v, temperature, heads):
     attn = np.exp(logits - logits.max(-1, keepdims=True))
     attn /= attn.sum(-1, keepdims=True)
     return (attn @ vh).transpose(0, 3, 1, 2).reshape(n, h, w, c)
+
+
+# --------------------------------------------------------------------------- accelerator emulation
+EMULATED_MANTISSA_BITS = {"tf32": 10, "bf16": 7}
+
+
+def emulate_matrix_units(kind: str):
+    """A context in which every conv and dot of the model and the losses (the three
+    primitives of `smfnet_jax.kernels`) rounds its two operands to TF32 (10-bit mantissa:
+    NVIDIA tensor cores at DEFAULT/HIGH precision) or bfloat16 (7 bits: one TPU MXU pass at
+    DEFAULT), accumulating in float32, as the accelerators do. Only for functions traced
+    inside it: jit a *new* function there (jax caches traces per function object, so a
+    function traced before keeps its unrounded trace); depthwise shift-sums (elementwise) are not rounded, so emulate with the
+    `xla` routines, where every conv is a conv_op."""
+    import contextlib
+
+    import jax
+    import jax.numpy as jnp
+    from smfnet_jax import kernels
+
+    bits = EMULATED_MANTISSA_BITS[kind]
+
+    def rnd(x):
+        return jax.lax.reduce_precision(x, exponent_bits=8, mantissa_bits=bits) \
+            if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+    conv_op, einsum, matmul = kernels.conv_op, kernels.einsum, kernels.matmul
+
+    @contextlib.contextmanager
+    def ctx():
+        kernels.conv_op = lambda x, k, **kw: conv_op(rnd(x), rnd(k), **kw)
+        kernels.einsum = lambda spec, a, b, **kw: einsum(spec, rnd(a), rnd(b), **kw)
+        kernels.matmul = lambda a, b, **kw: matmul(rnd(a), rnd(b), **kw)
+        try:
+            yield
+        finally:
+            kernels.conv_op, kernels.einsum, kernels.matmul = conv_op, einsum, matmul
+
+    return ctx()

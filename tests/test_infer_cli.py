@@ -543,3 +543,17 @@ def test_batch_is_capped_by_memory(dirs, use_fuser, monkeypatch):
                         lambda: int((forward_bytes(0, 0, 1) + 2.5 * one) / MEMORY_MARGIN))
     assert cli.main(_args(ir, vi, out, ckpt, "--batch", "4")) == 0
     assert calls == [(2, 10, 12), (2, 10, 12), (10, 12)]
+
+
+def test_dtype_and_precision_flags_choose_the_fusers_policy(dirs):
+    """--dtype / --precision reach load_fuser as one ComputePolicy (nothing at the defaults,
+    so the plain call stays `load_fuser(ckpt)`); a bad precision is a usage error."""
+    from smfnet_jax.policy import ComputePolicy, resolve
+    ir, vi, out, ckpt = dirs
+    parse = cli.build_parser().parse_args
+    assert cli.policy_choices(parse(_args(ir, vi, out, ckpt))) == {}
+    chosen = cli.policy_choices(parse(_args(ir, vi, out, ckpt, "--precision", "default", "--dtype", "bfloat16")))
+    assert chosen == {"policy": ComputePolicy(resolve().routines, "default", "bfloat16")}
+    with pytest.raises(SystemExit) as e:
+        parse(_args(ir, vi, out, ckpt, "--precision", "tf32"))
+    assert e.value.code == 2

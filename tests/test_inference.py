@@ -66,10 +66,12 @@ def test_batched_fusion_equals_one_by_one(fuser, reference_arrays):
 
 def test_xla_routines_fuse_like_cpu_routines(model, fuser, pair):
     """`fuse` with XLA's convolutions everywhere (the GPU/TPU path), run on CPU."""
-    from smfnet_jax.backend import use_impl
+    from smfnet_jax.policy import ComputePolicy
     ir, vi, fused = pair
-    with use_impl("xla"):
-        out = Fuser(model)(ir, vi)  # a new Fuser: traced (and compiled) inside the block
+    xla = Fuser(model, policy=ComputePolicy("xla"))
+    assert xla.model.encoder.patch_embed.policy.routines == "xla"
+    assert fuser.model.encoder.patch_embed.policy.routines == model.policy.routines  # own copy
+    out = xla(ir, vi)
     assert_close("fuse, xla routines", out, fuser(ir, vi))
     assert_close("fuse, xla routines vs reference", out, fused)
 

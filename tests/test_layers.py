@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from helpers import reference_channel_attention
-from smfnet_jax.backend import IMPL_ENV, use_impl
+from smfnet_jax.policy import IMPL_ENV, ComputePolicy, resolve, set_policy
 from smfnet_jax.layers import Conv2d, channel_attention, conv_blocks, dense_conv_blocks
 
 
@@ -40,11 +40,10 @@ CASES = [  # cin, cout, k, pad, groups, dilation, pad_mode
 @pytest.mark.parametrize("cin,cout,k,pad,groups,dil,mode", CASES)
 def test_conv_paths_match_xla(cin, cout, k, pad, groups, dil, mode, impl, deterministic):
     conv = Conv2d(cin, cout, k, padding=pad, groups=groups, dilation=dil, pad_mode=mode,
-                  rngs=nnx.Rngs(0))
+                  policy=ComputePolicy(impl), rngs=nnx.Rngs(0))
     conv.eval() if deterministic else conv.train()
     assert conv.deterministic is deterministic
-    with use_impl(impl):
-        _check_conv_against_xla(conv, cin, pad, groups, dil, mode)
+    _check_conv_against_xla(conv, cin, pad, groups, dil, mode)
 
 
 def _check_conv_against_xla(conv, cin, pad, groups, dil, mode):
@@ -91,8 +90,9 @@ def test_split_projections_same_in_train_and_eval(impl):
     give the same q, k, v and the same gradients."""
     rng = np.random.default_rng(6)
     x = jnp.asarray(rng.standard_normal((2, 9, 8, 4)), jnp.float32)
-    qkv = Conv2d(4, 12, 1, rngs=nnx.Rngs(7))
-    dw = Conv2d(12, 12, 3, padding=1, groups=12, rngs=nnx.Rngs(8))
+    policy = ComputePolicy(impl)
+    qkv = Conv2d(4, 12, 1, policy=policy, rngs=nnx.Rngs(7))
+    dw = Conv2d(12, 12, 3, padding=1, groups=12, policy=policy, rngs=nnx.Rngs(8))
     kernel = jnp.asarray(rng.standard_normal((3, 3, 4, 12)), jnp.float32)
 
     (gq, sq), (gd, sd) = nnx.split(qkv), nnx.split(dw)
@@ -102,20 +102,19 @@ def test_split_projections_same_in_train_and_eval(impl):
         q.kernel = nnx.Param(k1)
         for m in (q, d):
             m.eval() if eval_mode else m.train()
-        return conv_blocks([q, d], x, 3) + dense_conv_blocks(x, k3, 3, padding=1,
+        return conv_blocks([q, d], x, 3) + dense_conv_blocks(x, k3, 3, policy, padding=1,
                                                             deterministic=eval_mode)
 
     def loss(x, k1, k3, eval_mode):
         return sum(jnp.sum(jnp.sin(o) * (i + 1)) for i, o in enumerate(outputs(x, k1, k3, eval_mode)))
 
     k1 = qkv.kernel[...]
-    with use_impl(impl):
-        train, evals = outputs(x, k1, kernel, False), outputs(x, k1, kernel, True)
-        assert [o.shape for o in train] == [(2, 9, 8, 4)] * 6
-        for a, b in zip(train, evals):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-        g_train = jax.grad(loss, argnums=(0, 1, 2))(x, k1, kernel, False)
-        g_eval = jax.grad(loss, argnums=(0, 1, 2))(x, k1, kernel, True)
+    train, evals = outputs(x, k1, kernel, False), outputs(x, k1, kernel, True)
+    assert [o.shape for o in train] == [(2, 9, 8, 4)] * 6
+    for a, b in zip(train, evals):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    g_train = jax.grad(loss, argnums=(0, 1, 2))(x, k1, kernel, False)
+    g_eval = jax.grad(loss, argnums=(0, 1, 2))(x, k1, kernel, True)
     for a, b in zip(g_train, g_eval):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
@@ -130,27 +129,37 @@ def test_channel_attention_matches_reference_order(project):
     if project is not None:  # merged into the attention matrix: v @ (B @ P)
         proj = Conv2d(16, 16, 1, bias=project == "bias", rngs=nnx.Rngs(4))
         ref = proj(ref)
-    np.testing.assert_allclose(channel_attention(q, k, v, temperature, 4, proj), ref,
+    np.testing.assert_allclose(channel_attention(q, k, v, temperature, 4, proj,
+                                                 precision=jax.lax.Precision.HIGHEST), ref,
                                rtol=1e-5, atol=1e-5)
 
 
-def test_backend_policy_names_bad_settings(monkeypatch):
-    from smfnet_jax import backend
-    with pytest.raises(ValueError, match="use_impl='gpu'"):
-        with use_impl("gpu"):
-            pass
+def test_policy_names_bad_settings(monkeypatch):
+    with pytest.raises(ValueError, match="ComputePolicy routines='gpu'"):
+        ComputePolicy("gpu")
+    with pytest.raises(ValueError, match="precision='tf32': expected one of highest, high, default"):
+        resolve(precision="tf32")
     monkeypatch.setenv(IMPL_ENV, "fast")
-    backend.requested.cache_clear()
-    try:
-        with pytest.raises(ValueError, match=f"{IMPL_ENV}='fast': expected one of auto, cpu, xla"):
-            backend.impl()
-    finally:
-        monkeypatch.delenv(IMPL_ENV)
-        backend.requested.cache_clear()
-    with use_impl("xla"):
-        assert backend.impl() == "xla"
-        with use_impl("auto"):
-            assert backend.impl() == ("cpu" if jax.default_backend() == "cpu" else "xla")
+    with pytest.raises(ValueError, match=f"{IMPL_ENV}='fast': expected one of auto, cpu, xla"):
+        resolve()
+    monkeypatch.setenv(IMPL_ENV, "xla")
+    assert resolve().routines == "xla"          # the variable chooses the routines ...
+    assert resolve("cpu").routines == "cpu"     # ... unless they are asked for by name
+    monkeypatch.delenv(IMPL_ENV)
+    assert resolve().routines == ("cpu" if jax.default_backend() == "cpu" else "xla")
+    assert resolve(platform="tpu").routines == "xla"
+    with pytest.raises(TypeError, match="expected a ComputePolicy"):
+        set_policy(Conv2d(2, 2, rngs=nnx.Rngs(0)), "xla")
+
+
+def test_policy_is_static_and_part_of_the_graphdef():
+    """Two policies give two graphdefs (two jit cache entries), and set_policy reaches every
+    module that computes."""
+    conv = Conv2d(3, 4, 3, padding=1, rngs=nnx.Rngs(0))
+    a = nnx.split(set_policy(conv, ComputePolicy("cpu")))[0]
+    b = nnx.split(set_policy(conv, ComputePolicy("cpu", "default")))[0]
+    assert a != b and hash(a) != hash(b)
+    assert a == nnx.split(set_policy(conv, ComputePolicy("cpu")))[0]
 
 
 # --------------------------------------------------------------------------- kinks as PyTorch

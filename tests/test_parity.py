@@ -7,7 +7,6 @@ inside; swapping exact GELU for tanh alone misses by 1.5e-4 on fuse_base. Never 
 """
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from flax import nnx
 

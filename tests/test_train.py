@@ -143,17 +143,17 @@ def test_xla_routines_equal_cpu_routines(our_losses, fixture_pth, reference_arra
     phase-II loss terms, BatchNorm statistics and gradients as the XLA:CPU routines, up to
     float32 rounding (calibrated as in the micro-batch test above)."""
     import jax
-    from smfnet_jax.backend import use_impl
     from smfnet_jax.checkpoint import load_pth_model
+    from smfnet_jax.policy import ComputePolicy, set_policy
     from train.configs.msrs import get_config
     from train.step import make_value_and_grad, split_model
     vi, ir = (reference_arrays[k].transpose(0, 2, 3, 1) for k in ("vi", "ir"))
-    graphdef, params, stats = split_model(load_pth_model(fixture_pth).model)
+    graphdef, params, stats = split_model(set_policy(load_pth_model(fixture_pth).model,
+                                                     ComputePolicy("xla")))
     cfg = get_config()
     cfg.microbatches = 0  # auto: the whole batch with XLA's routines
-    with use_impl("xla"):
-        (_, (terms, new_stats)), grads = jax.jit(make_value_and_grad(graphdef, 2, cfg))(
-            params, stats, vi, ir)
+    (_, (terms, new_stats)), grads = jax.jit(make_value_and_grad(graphdef, 2, cfg))(
+        params, stats, vi, ir)
     terms_cpu, _, grads_cpu, stats_cpu = our_losses[2, 1]
     assert {n: float(v) for n, v in terms.items()} == pytest.approx(terms_cpu, rel=1e-5, abs=1e-7)
     for a, b in zip(jax.tree.leaves(stats_cpu), jax.tree.leaves(new_stats)):
@@ -201,13 +201,10 @@ def test_microbatch_split_is_strided_and_invertible():
     assert s.shape == (3, 4, 3)
     assert s[1, :, 0].tolist() == [1, 4, 7, 10]
     np.testing.assert_array_equal(np.asarray(join_microbatches(s)), x)
-    assert resolve_microbatches(3, 12) == 3
+    assert resolve_microbatches(3, 12, "cpu") == resolve_microbatches(3, 12, "xla") == 3
     # auto: one sample per micro-batch with the XLA:CPU routines, the whole batch with XLA's
-    from smfnet_jax.backend import use_impl
-    with use_impl("cpu"):
-        assert resolve_microbatches(0, 12) == 12 // jax.device_count()
-    with use_impl("xla"):
-        assert resolve_microbatches(0, 12) == 1
+    assert resolve_microbatches(0, 12, "cpu") == 12 // jax.device_count()
+    assert resolve_microbatches(0, 12, "xla") == 1
 
 
 def test_microbatches_must_divide_the_per_device_batch(tmp_path, monkeypatch):

@@ -190,7 +190,7 @@ def test_non_finite_refused_in_every_format(fixture_ckpt, pth_model, tmp_path):
     bad_value = fixture_ckpt["DIDF_Decoder"][key].copy()
     bad_value.flat[3] = np.nan
     bad = _with(fixture_ckpt, "DIDF_Decoder", key, bad_value)
-    name = rf"DIDF_Decoder/module\.output\.4\.weight"
+    name = r"DIDF_Decoder/module\.output\.4\.weight"
     save_pth(tmp_path / "nan.pth", bad)
     save_safetensors(tmp_path / "nan.safetensors", flatten_reference(bad))
     for path in (tmp_path / "nan.pth", tmp_path / "nan.safetensors"):

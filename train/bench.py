@@ -4,7 +4,7 @@
   python -m train.bench --phase 1 --batch 2 --size 128 --steps 5 --json out.json
   python -m train.bench --microbatches 1     # whole-batch gradient (the auto default on CPU
                                              # is one sample per micro-batch)
-  python -m train.bench --precision          # bfloat16 vs float32: loss terms, gradient norms
+  python -m train.bench --compare-dtypes     # bfloat16 vs float32: loss terms, gradient norms
 
 Each measurement runs in this process on synthetic data; peak memory is the process's
 peak resident set size (ru_maxrss), compilation included, and on GPU/TPU also the device's
@@ -13,7 +13,6 @@ peak memory in use (`memory_stats()`).
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import sys
 import time
@@ -26,19 +25,20 @@ def _synthetic_batch(batch: int, size: int):
 
 
 def measure_train_step(phase: int = 2, batch: int = 6, size: int = 128, steps: int = 2,
-                       microbatches: int = 0, dtype: str = "float32") -> dict:
+                       microbatches: int = 0, dtype: str = "float32", precision: str = "highest") -> dict:
     """Time the jitted train step (one warm-up step with compilation, then `steps` timed)."""
     import jax
     import numpy as np
     from smfnet_jax.model import create_model
     from smfnet_jax.runtime import describe_platform, device_peak_memory_mb
     from train.configs import msrs
-    from train.step import init_train_state, jit_train_step, learning_rates, resolve_microbatches
+    from train.step import (init_train_state, jit_train_step, learning_rates, resolve_microbatches,
+                            train_policy)
     from train.trainer import _global_batch, _replicate, make_mesh
 
     cfg = msrs.get_config()
-    cfg.compute_dtype = dtype
-    cfg.microbatches = resolve_microbatches(microbatches, batch)
+    cfg.compute_dtype, cfg.precision = dtype, precision
+    cfg.microbatches = resolve_microbatches(microbatches, batch, train_policy(cfg).routines)
     mesh = make_mesh()
     graphdef, state = init_train_state(create_model(0), cfg)
     state = _replicate(state, mesh)
@@ -59,7 +59,7 @@ def measure_train_step(phase: int = 2, batch: int = 6, size: int = 128, steps: i
     sec = float(np.median(times))
     device_mb = device_peak_memory_mb()
     return {"phase": phase, "batch": batch, "microbatches": cfg.microbatches, "size": size,
-            "dtype": dtype, **describe_platform(),
+            "dtype": dtype, "precision": precision, **describe_platform(),
             "first_step_s": round(first, 2), "seconds_per_step": round(sec, 3),
             "steps_per_s": round(1 / sec, 4), "samples_per_s": round(batch / sec, 3),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -75,16 +75,17 @@ def precision_report(batch: int = 2, size: int = 128) -> list[dict]:
     import optax
     from smfnet_jax.model import create_model
     from train.configs import msrs
-    from train.step import make_value_and_grad, split_model, submodels_for
+    from smfnet_jax.policy import set_policy
+    from train.step import make_value_and_grad, split_model, submodels_for, train_policy
 
     data = _synthetic_batch(batch, size)
-    graphdef, params, stats = split_model(create_model(0))
     rows = []
     for phase in (1, 2):
         values = {}
         for dtype in ("float32", "bfloat16"):
             cfg = msrs.get_config()
             cfg.compute_dtype = dtype
+            graphdef, params, stats = split_model(set_policy(create_model(0), train_policy(cfg)))
             fn = jax.jit(make_value_and_grad(graphdef, phase, cfg))
             (_, (terms, _)), grads = fn(params, stats, data["vi"], data["ir"])
             values[dtype] = {**{k: float(v) for k, v in terms.items()},
@@ -105,7 +106,7 @@ def format_precision(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from smfnet_jax.backend import IMPL_HELP
+    from smfnet_jax.policy import IMPL_HELP, PRECISION_HELP, PRECISIONS
     from smfnet_jax.runtime import configure_xla_cpu
     configure_xla_cpu()  # memory-optimised XLA:CPU scheduler; must precede any JAX work
     p = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__, epilog=IMPL_HELP,
@@ -118,24 +119,26 @@ def main(argv: list[str] | None = None) -> int:
                    help="exact gradient over this many slices of each device's batch (less "
                         "memory); 0: auto (one sample per slice on CPU, 1 on GPU/TPU)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--precision", action="store_true",
+    p.add_argument("--precision", choices=PRECISIONS, default="highest", help=PRECISION_HELP)
+    p.add_argument("--compare-dtypes", action="store_true",
                    help="instead of timing: bfloat16 vs float32 loss terms and gradient norms of "
                         "both phases on one synthetic batch (--batch, --size; e.g. --batch 2)")
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args(argv)
 
-    if args.precision:
+    if args.compare_dtypes:
         rows = precision_report(args.batch, args.size)
         print(format_precision(rows))
         out = rows
     else:
+        from smfnet_jax.policy import resolve
         from train.step import resolve_microbatches
         try:
-            resolve_microbatches(args.microbatches, args.batch)
+            resolve_microbatches(args.microbatches, args.batch, resolve().routines)
         except ValueError as e:
             p.error(str(e))
         out = measure_train_step(args.phase, args.batch, args.size, args.steps,
-                                 args.microbatches, args.dtype)
+                                 args.microbatches, args.dtype, args.precision)
         for k, v in out.items():
             print(f"{k:>16}: {v}")
     if args.json:

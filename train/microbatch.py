@@ -122,7 +122,7 @@ def _tree_add(a, b):
 
 
 def make_microbatched_value_and_grad(train_model: Callable, batch_stats_of: Callable, phase: int,
-                                     cfg, k: int) -> Callable:
+                                     cfg, k: int, policy) -> Callable:
     """The same ((loss, (terms, batch_stats)), grads) as the whole-batch
     `jax.value_and_grad(train.step.make_loss_fn(...), has_aux=True)`, computed k slices of
     the batch at a time wherever the network allows it.
@@ -143,7 +143,7 @@ def make_microbatched_value_and_grad(train_model: Callable, batch_stats_of: Call
     except the head (about +20% compute in phase II).
     """
     *body, head = stages_for(phase)
-    compute = jnp.dtype(cfg.compute_dtype)
+    compute = policy.compute_dtype  # the model's (`smfnet_jax.policy`), as the losses' precision
     image_keys = ("vi_hat", "ir_hat") if phase == 1 else ("fused",)
     sample_terms = losses.phase1_sample_terms if phase == 1 else losses.phase2_sample_terms
     combine = losses.combine_phase1_terms if phase == 1 else losses.combine_phase2_terms
@@ -162,7 +162,7 @@ def make_microbatched_value_and_grad(train_model: Callable, batch_stats_of: Call
 
     def head_loss(params, stats, inputs, vi, ir):
         out = cast_floats(run(head, params, stats, inputs)[0], jnp.float32)
-        terms = sample_terms(out, vi, ir)
+        terms = sample_terms(out, vi, ir, precision=policy.precision)
         # the whole-batch terms are 0 here and added once below (combine is linear in them)
         total = combine(collections.defaultdict(float, terms)) / k
         return total, (terms, {key: out[key] for key in image_keys})
@@ -170,9 +170,11 @@ def make_microbatched_value_and_grad(train_model: Callable, batch_stats_of: Call
     def batch_loss(features, images, vi):
         outputs = {**features, **images}
         if phase == 1:
-            terms = losses.phase1_batch_terms(outputs, vi, decomp_grad=cfg.decomp_grad)
+            terms = losses.phase1_batch_terms(outputs, vi, decomp_grad=cfg.decomp_grad,
+                                              precision=policy.precision)
         else:
-            terms = losses.phase2_batch_terms(outputs, decomp_grad=cfg.decomp_grad)
+            terms = losses.phase2_batch_terms(outputs, decomp_grad=cfg.decomp_grad,
+                                              precision=policy.precision)
         return combine(collections.defaultdict(float, terms)), terms
 
     def value_and_grad(params, stats, vi, ir):

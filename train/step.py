@@ -23,9 +23,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from smfnet_jax import backend, losses
+from smfnet_jax import losses
 from smfnet_jax.layers import cast_floats
 from smfnet_jax.model import SUBMODELS, SMFNet
+from smfnet_jax.policy import ComputePolicy, resolve, set_policy
 from train.microbatch import make_microbatched_value_and_grad
 
 PHASE1_SUBMODELS = ("encoder", "decoder", "graph")
@@ -124,16 +125,27 @@ def split_model(model: SMFNet):
     return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
 
 
-def init_train_state(model: SMFNet, cfg) -> tuple[nnx.GraphDef, dict]:
-    graphdef, params, stats = split_model(model)
+def train_policy(cfg) -> ComputePolicy:
+    """The compute policy a config chooses: `compute_dtype`, `precision`, and the routines
+    for this backend ($SMFNET_JAX_IMPL may force them)."""
+    return resolve(None, precision=cfg.precision, dtype=cfg.compute_dtype)
+
+
+def init_train_state(model: SMFNet, cfg, policy: ComputePolicy | None = None) -> tuple[nnx.GraphDef, dict]:
+    """(graphdef, state) of `model` with `policy` set on it (default the config's,
+    `train_policy`): the policy is static in the graphdef, so every step built from it
+    computes with it (pass another to compile for a target machine)."""
+    graphdef, params, stats = split_model(set_policy(model, policy or train_policy(cfg)))
     opt = {sub: adam_init(params[sub]) for sub in SUBMODELS}
     return graphdef, {"params": params, "batch_stats": stats, "opt": opt}
 
 
-def _train_model(graphdef, params, batch_stats, compute) -> SMFNet:
-    """The model in train mode, its float parameters cast to the compute dtype."""
-    p = params if compute == jnp.float32 else cast_floats(params, compute)
-    model = nnx.merge(graphdef, nnx.State(p), nnx.State(batch_stats))
+def _train_model(graphdef, params, batch_stats) -> SMFNet:
+    """The model in train mode, its float parameters cast to its policy's compute dtype."""
+    model = nnx.merge(graphdef, nnx.State(params), nnx.State(batch_stats))
+    compute = model.policy.compute_dtype
+    if compute != jnp.float32:
+        model = nnx.merge(graphdef, nnx.State(cast_floats(params, compute)), nnx.State(batch_stats))
     model.train()
     return model
 
@@ -144,23 +156,23 @@ def _batch_stats(model: SMFNet) -> dict:
 
 def make_loss_fn(graphdef, phase: int, cfg) -> Callable:
     """(params, batch_stats, vi, ir) -> (loss, (terms, new_batch_stats)), model in train mode."""
-    compute = jnp.dtype(cfg.compute_dtype)
     objective = losses.phase1_loss if phase == 1 else losses.phase2_loss
 
     def loss_fn(params, batch_stats, vi, ir):
-        model = _train_model(graphdef, params, batch_stats, compute)
+        model = _train_model(graphdef, params, batch_stats)
+        policy = model.policy
         forward = model.phase1 if phase == 1 else model.phase2
-        out = forward(vi.astype(compute), ir.astype(compute))
+        out = forward(vi.astype(policy.compute_dtype), ir.astype(policy.compute_dtype))
         out = cast_floats(out, jnp.float32)  # losses in f32 whatever the compute dtype
-        total, terms = objective(out, vi, ir, decomp_grad=cfg.decomp_grad)
+        total, terms = objective(out, vi, ir, decomp_grad=cfg.decomp_grad, precision=policy.precision)
         return total, (terms, _batch_stats(model))
 
     return loss_fn
 
 
-def resolve_microbatches(setting: int, global_batch: int) -> int:
+def resolve_microbatches(setting: int, global_batch: int, routines: str) -> int:
     """cfg.microbatches: >0 as given; 0 (auto): one sample per micro-batch with the XLA:CPU
-    routines (`backend.impl() == "cpu"`), where it is both faster (each slice's activations
+    routines (the policy's `routines == "cpu"`), where it is both faster (each slice's activations
     stay in cache) and several times smaller in memory, and the whole batch with XLA's
     ("xla", GPU/TPU), where small slices would idle the device.
     Raises ValueError unless the setting is 0 or divides the per-device batch."""
@@ -170,7 +182,7 @@ def resolve_microbatches(setting: int, global_batch: int) -> int:
                          f"batch {per_device}")
     if setting:
         return setting
-    return max(1, per_device) if backend.impl() == "cpu" else 1
+    return max(1, per_device) if routines == "cpu" else 1
 
 
 def make_value_and_grad(graphdef, phase: int, cfg) -> Callable:
@@ -179,11 +191,12 @@ def make_value_and_grad(graphdef, phase: int, cfg) -> Callable:
     whole = jax.value_and_grad(make_loss_fn(graphdef, phase, cfg), has_aux=True)
 
     def value_and_grad(params, stats, vi, ir):
-        k = resolve_microbatches(cfg.microbatches, vi.shape[0])
+        policy = nnx.merge(graphdef, nnx.State(params), nnx.State(stats)).policy  # static
+        k = resolve_microbatches(cfg.microbatches, vi.shape[0], policy.routines)
         if k == 1:
             return whole(params, stats, vi, ir)
-        train_model = functools.partial(_train_model, graphdef, compute=jnp.dtype(cfg.compute_dtype))
-        return make_microbatched_value_and_grad(train_model, _batch_stats, phase, cfg, k)(
+        train_model = functools.partial(_train_model, graphdef)
+        return make_microbatched_value_and_grad(train_model, _batch_stats, phase, cfg, k, policy)(
             params, stats, vi, ir)
 
     return value_and_grad

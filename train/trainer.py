@@ -103,7 +103,8 @@ class Trainer:
         if cfg.batch_size % n_dev:
             raise TrainingError(f"batch_size {cfg.batch_size} is not divisible by the {n_dev} devices")
         try:
-            train_step_lib.resolve_microbatches(cfg.microbatches, cfg.batch_size)
+            train_step_lib.resolve_microbatches(cfg.microbatches, cfg.batch_size,
+                                                train_step_lib.train_policy(cfg).routines)
         except ValueError as e:
             raise TrainingError(str(e)) from None
         self.mesh = make_mesh()

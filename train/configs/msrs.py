@@ -37,6 +37,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.decomp_grad = False          # True: correlation (decomposition) terms carry gradients,
                                    # as the paper describes; False reproduces train.py (.item())
     c.compute_dtype = "float32"    # "bfloat16": bf16 activations, f32 params/optimizer (GPU/TPU)
+    c.precision = "highest"        # every conv/dot: "highest" (full f32), "high"/"default" (TF32 on
+                                   # GPUs, bf16 passes on TPUs); smfnet_jax.policy
 
     c.init_from = ""               # .pth or orbax dir to start from (fine-tuning)
     c.checkpoint_every_steps = 1000
