@@ -232,6 +232,8 @@ def main(argv=None) -> int:
         return 0
 
     from tqdm import tqdm
+    print(f"infer.bench: {resolve(None, precision=args.precision, dtype=args.dtype).describe()}; "
+          f"checkpoint {args.ckpt}", flush=True)
     results = {}
     failed = False
     for h, w in tqdm(args.sizes, desc="sizes", unit="size", disable=None):  # bar on a tty only

@@ -94,16 +94,18 @@ def available_memory() -> int | None:
     return available_bytes()
 
 
-def describe_run(ckpt: Path, dtype: str, step: int | None = None) -> str:
-    """The first line of a run: device, dtype and checkpoint (path, kind, the step loaded)."""
+def describe_run(ckpt: Path, dtype: str, step: int | None = None, policy=None) -> str:
+    """The first line of a run: device, dtype, the fuser's compute policy (when it has one)
+    and checkpoint (path, kind, the step loaded)."""
     import jax
 
     from smfnet_jax.checkpoint import checkpoint_kind
 
     dev = jax.devices()[0]
     kind = checkpoint_kind(ckpt) + ("" if step is None else f", step {step}")
+    how = "" if policy is None else f"{policy.describe()}; "
     return (f"device {dev.platform} ({dev.device_kind}), {len(jax.devices())} visible; dtype {dtype}; "
-            f"checkpoint {ckpt} ({kind})")
+            f"{how}checkpoint {ckpt} ({kind})")
 
 
 def tiled(fuser: Callable, tile: int, overlap: int) -> Callable:
@@ -425,7 +427,8 @@ def run(args, fuser: Callable | None = None) -> int:
             return EXIT_USAGE
         load_s = time.perf_counter() - t0
     if pairs:
-        print(describe_run(args.ckpt, args.dtype, getattr(fuser, "step", None)), file=sys.stderr)
+        print(describe_run(args.ckpt, args.dtype, getattr(fuser, "step", None),
+                           getattr(fuser, "policy", None)), file=sys.stderr)
         if load_s is not None:
             print(f"loaded in {load_s:.1f} s", file=sys.stderr)
     for f in failures:

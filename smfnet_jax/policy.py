@@ -61,6 +61,10 @@ class ComputePolicy:
     def replace(self, **changes) -> "ComputePolicy":
         return dataclasses.replace(self, **changes)
 
+    def describe(self) -> str:
+        """One phrase for the first line of a run: "routines cpu, precision highest, float32"."""
+        return f"routines {self.routines}, precision {self.precision}, {self.dtype}"
+
 
 def lax_precision(name: str):
     """"highest" | "high" | "default" -> `jax.lax.Precision` (a Precision passes through)."""

@@ -338,9 +338,12 @@ def test_grid_first_line_and_plain_progress(dirs, use_fuser, capsys):
 
 
 def test_describe_run_names_checkpoint_kind_and_step(tmp_path):
+    from smfnet_jax.policy import ComputePolicy
     (tmp_path / "w" / "checkpoints" / "12").mkdir(parents=True)
     line = cli.describe_run(tmp_path / "w", "bfloat16", 12)
     assert "dtype bfloat16" in line and line.endswith("(training workdir, step 12)")
+    line = cli.describe_run(tmp_path / "w", "float32", 12, ComputePolicy("xla", "high"))
+    assert "; routines xla, precision high, float32; checkpoint " in line, line
     (tmp_path / "c").mkdir()
     assert cli.describe_run(tmp_path / "c", "float32").endswith("(orbax folder)")
 

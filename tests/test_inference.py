@@ -190,8 +190,11 @@ def test_bench_cli(tmp_path, fixture_pth):
                           "--sizes", "16x16", "--repeats", "1", "--json", str(out)],
                          cwd=ROOT, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
+    first = run.stdout.splitlines()[0]
+    assert first.startswith("infer.bench: routines ") and "precision highest, float32" in first, first
     result = json.loads(out.read_text())
     assert set(result) == {"16x16"}
+    assert result["16x16"]["precision"] == "highest"
     r = result["16x16"]
     for key in ("compile_s", "seconds_per_pair", "pixels_per_s", "gflops", "peak_rss_mb"):
         assert isinstance(r[key], float) and r[key] > 0, key

@@ -133,10 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from smfnet_jax.policy import resolve
         from train.step import resolve_microbatches
+        policy = resolve(None, precision=args.precision, dtype=args.dtype)
         try:
-            resolve_microbatches(args.microbatches, args.batch, resolve().routines)
+            k = resolve_microbatches(args.microbatches, args.batch, policy.routines)
         except ValueError as e:
             p.error(str(e))
+        print(f"train.bench: {policy.describe()}; phase {args.phase}, batch {args.batch} in {k} "
+              f"micro-batch(es), {args.size}x{args.size}", flush=True)
         out = measure_train_step(args.phase, args.batch, args.size, args.steps,
                                  args.microbatches, args.dtype, args.precision)
         for k, v in out.items():

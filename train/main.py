@@ -114,6 +114,8 @@ def run(cfg, workdir: str, allow_config_change: bool = False) -> int:
     init_distributed(cfg)
     try:
         with Trainer(cfg, workdir, allow_config_change=allow_config_change) as trainer:
+            if trainer.is_main:
+                print(trainer.describe(), file=sys.stderr)
             if trainer.start_step >= trainer.total_steps:
                 print(f"{workdir}: already trained to step {trainer.start_step}", file=sys.stderr)
                 return 0

@@ -140,6 +140,11 @@ def init_train_state(model: SMFNet, cfg, policy: ComputePolicy | None = None) ->
     return graphdef, {"params": params, "batch_stats": stats, "opt": opt}
 
 
+def policy_of(graphdef, state: dict) -> ComputePolicy:
+    """The compute policy a train state's graphdef carries (static: no computation)."""
+    return nnx.merge(graphdef, nnx.State(state["params"]), nnx.State(state["batch_stats"])).policy
+
+
 def _train_model(graphdef, params, batch_stats) -> SMFNet:
     """The model in train mode, its float parameters cast to its policy's compute dtype."""
     model = nnx.merge(graphdef, nnx.State(params), nnx.State(batch_stats))
@@ -191,7 +196,7 @@ def make_value_and_grad(graphdef, phase: int, cfg) -> Callable:
     whole = jax.value_and_grad(make_loss_fn(graphdef, phase, cfg), has_aux=True)
 
     def value_and_grad(params, stats, vi, ir):
-        policy = nnx.merge(graphdef, nnx.State(params), nnx.State(stats)).policy  # static
+        policy = policy_of(graphdef, {"params": params, "batch_stats": stats})  # static
         k = resolve_microbatches(cfg.microbatches, vi.shape[0], policy.routines)
         if k == 1:
             return whole(params, stats, vi, ir)

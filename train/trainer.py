@@ -233,6 +233,16 @@ class Trainer:
         return step
 
     # ------------------------------------------------------------------ running
+    def describe(self) -> str:
+        """The first line of a run: devices, the model's compute policy, batch and steps."""
+        dev = jax.devices()[0]
+        policy = train_step_lib.policy_of(self.graphdef, self.state)
+        k = train_step_lib.resolve_microbatches(self.cfg.microbatches, self.cfg.batch_size, policy.routines)
+        return (f"device {dev.platform} ({dev.device_kind}), {jax.device_count()} in "
+                f"{jax.process_count()} process(es); {policy.describe()}; batch {self.cfg.batch_size} "
+                f"in {k} micro-batch(es) per device; steps {self.start_step}..{self.total_steps}; "
+                f"workdir {self.workdir}")
+
     def phase_of(self, step: int) -> int:
         return 1 if step // self.steps_per_epoch < self.cfg.phase1_epochs else 2
 
