@@ -24,7 +24,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from smfnet_jax.cli import program_name
+from smfnet_jax.cli import exit_on_environment_error, program_name
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    exit_on_environment_error()
     source = args.pth if args.pth is not None else args.ckpt
     out = args.out if args.out is not None else args.to_pth
     to_safetensors = args.out is not None and args.out.suffix == ".safetensors"

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from smfnet_jax.policy import IMPL_ENV, IMPL_HELP, PRECISION_HELP, PRECISIONS, resolve
+from smfnet_jax.cli import exit_on_environment_error
 from smfnet_jax.fileio import atomic_write_json
 
 KEYS = ("compile_s", "seconds_per_pair", "pixels_per_s", "gflops", "peak_rss_mb")
@@ -217,6 +218,7 @@ def _mb(value) -> str:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    exit_on_environment_error()
     if args.repeats < 1:
         print("error: --repeats must be >= 1", file=sys.stderr)
         return 2

@@ -13,6 +13,9 @@ from pathlib import Path
 from smfnet_jax.imageio import SCALE16_MODES, HighByteWarning
 
 
+GRID_SUFFIX = "_grid"  # infer.main --grid writes NAME_grid.png beside NAME.png
+
+
 def writable_folder_problem(folder: Path, flag: str, create: bool) -> str | None:
     """None when `folder` is (or, with `create`, could be made) a folder this process can
     write in, checked by creating and removing a probe file; else the reason, naming `flag`."""

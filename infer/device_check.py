@@ -137,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: $SMFNET_SHARED/fixtures/parity)")
     args = p.parse_args(argv)
 
+    from smfnet_jax.cli import exit_on_environment_error
     from smfnet_jax.runtime import configure_xla_cpu, enable_compilation_cache
+    exit_on_environment_error()
     configure_xla_cpu()
     enable_compilation_cache()
     import jax

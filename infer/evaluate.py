@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from infer.common import add_scale16_argument, json_out_problem, plain_warnings
+from infer.common import GRID_SUFFIX, add_scale16_argument, json_out_problem, plain_warnings
 from smfnet_jax.cli import Progress, program_name
 from smfnet_jax.fileio import atomic_write_json
 from smfnet_jax.imageio import IMAGE_EXTENSIONS, match_by_stem, natural_key, read_gray
@@ -57,6 +57,10 @@ def match_triplets(ir_dir, vi_dir, fused_dir) -> Tuple[List[Tuple[str, Path, Pat
 
 def _match_triplets(ir_dir, vi_dir, fused_dir):
     matches, problems = match_by_stem({"ir": Path(ir_dir), "vi": Path(vi_dir), "fused": Path(fused_dir)})
+    # infer.main --grid writes NAME_grid.png beside NAME.png: ours, not a fused image to score
+    stems = {stem for stem, _ in matches}
+    problems = [(stem, why) for stem, why in problems
+                if not (stem.endswith(GRID_SUFFIX) and stem[:-len(GRID_SUFFIX)] in stems)]
     triplets = []
     for stem, paths in matches:
         if stem == MEAN_KEY:

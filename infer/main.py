@@ -41,9 +41,10 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from infer.common import add_scale16_argument, json_out_problem, plain_warnings, writable_folder_problem
+from infer.common import (GRID_SUFFIX, add_scale16_argument, json_out_problem, plain_warnings,
+                          writable_folder_problem)
 from smfnet_jax.policy import IMPL_HELP, PRECISION_HELP, PRECISIONS
-from smfnet_jax.cli import Progress, program_name
+from smfnet_jax.cli import Progress, exit_on_environment_error, program_name
 from smfnet_jax.imageio import (
     IMAGE_EXTENSIONS,
     ImageReadError,
@@ -62,6 +63,7 @@ from smfnet_jax.imageio import (
 EXIT_OK = 0
 EXIT_SOME_FAILED = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
 
 # Without a terminal (no progress bar): a plain progress line at most this often.
 PLAIN_PROGRESS_S = 30.0
@@ -294,7 +296,7 @@ def write_outputs(loaded: LoadedPair, fused: np.ndarray, out_dir: Path, normaliz
     if save_npy:
         targets.append((out_dir / f"{name}.npy", lambda p: write_npy(p, fused)))
     if grid:
-        targets.append((out_dir / f"{name}_grid.png", lambda p: write_png(p, grid_image(loaded, image))))
+        targets.append((out_dir / f"{name}{GRID_SUFFIX}.png", lambda p: write_png(p, grid_image(loaded, image))))
     token = secrets.token_hex(4)
     staged: list[tuple[Path, Path]] = []
     try:
@@ -334,6 +336,30 @@ def same_size_batches(pairs: Iterable[Pair], size: int, failed: Callable[[Pair, 
 
 # ----------------------------------------------------------------------------- CLI
 
+
+def _fuse_all(pairs, args, fuser, failed, load, fused_names, times, bar, t0) -> None:
+    """Fuse and write every pair in same-size batches (appends to fused_names and times)."""
+    with plain_warnings():
+        for batch in same_size_batches(pairs, 1 if args.tile else args.batch, failed, load):
+            done = 0
+            for loaded, fused in zip(batch, fuse_batch(fuser, batch, args.overlap)):
+                try:
+                    if isinstance(fused, PairError):
+                        raise fused
+                    write_outputs(loaded, fused, args.out, not args.no_normalize, args.save_npy,
+                                  args.grid)
+                except PairError as e:
+                    failed(loaded.pair, e)
+                    continue
+                fused_names.append(loaded.pair.name)
+                done += 1
+            dt = (time.perf_counter() - t0) / len(batch)  # loading, fusion and writing, per pair
+            times += [dt] * done
+            if done:
+                bar.update(done, f"last {fused_names[-1]}, {dt:.2f} s/pair")
+            t0 = time.perf_counter()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=program_name("infer.main"),
@@ -341,7 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "Pairs are matched by file stem; PNG, JPEG, BMP, TIFF and PNM files (8- or 16-bit, "
                     "1 or 3 channels) are read.",
         epilog="Exit status: 0 when every pair was fused, 1 when some pair failed (each is "
-               "reported with its reason), 2 for a usage error. " + IMPL_HELP)
+               "reported with its reason), 2 for a usage error, 130 when interrupted (Ctrl-C; every output "
+               "written by then is complete). " + IMPL_HELP)
     p.add_argument("--ckpt", required=True, type=Path,
                    help="orbax checkpoint directory (from convert.main or training) or a released .pth file")
     p.add_argument("--ir", required=True, type=Path,
@@ -366,8 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data range given to SSIM by --evaluate (default: 255, as the reference)")
     p.add_argument("--tile", type=int, default=0, metavar="SIZE",
                    help="fuse in overlapping SIZE x SIZE tiles (bounded memory; changes the result "
-                        "slightly, see the README); default: whole images, and tiles (with a notice) "
-                        "only for a pair estimated not to fit in the memory available")
+                        "slightly, see the README); 0 (the default) is off: whole images, and tiles "
+                        "(with a notice) only for a pair estimated not to fit in the memory available")
     p.add_argument("--overlap", type=int, default=32, metavar="PX",
                    help="minimum overlap of neighbouring tiles with --tile (default: 32)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
@@ -448,25 +475,13 @@ def run(args, fuser: Callable | None = None) -> int:
         return load_pair(pair, args.scale16, plan)
 
     t0 = time.perf_counter()
-    with plain_warnings():
-        for batch in same_size_batches(pairs, 1 if args.tile else args.batch, failed, load):
-            done = 0
-            for loaded, fused in zip(batch, fuse_batch(fuser, batch, args.overlap)):
-                try:
-                    if isinstance(fused, PairError):
-                        raise fused
-                    write_outputs(loaded, fused, args.out, not args.no_normalize, args.save_npy,
-                                  args.grid)
-                except PairError as e:
-                    failed(loaded.pair, e)
-                    continue
-                fused_names.append(loaded.pair.name)
-                done += 1
-            dt = (time.perf_counter() - t0) / len(batch)  # loading, fusion and writing, per pair
-            times += [dt] * done
-            if done:
-                bar.update(done, f"last {fused_names[-1]}, {dt:.2f} s/pair")
-            t0 = time.perf_counter()
+    try:
+        _fuse_all(pairs, args, fuser, failed, load, fused_names, times, bar, t0)
+    except KeyboardInterrupt:  # every output written so far is complete (atomic writes)
+        bar.close()
+        print(f"interrupted: {len(fused_names)} of {len(pairs)} pairs written to {args.out}",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     bar.close()
 
     total = len({p.name for p in pairs} | {f.name for f in failures})
@@ -509,6 +524,7 @@ def summary(fused: list[str], failures: Iterable[Failure], times: list[float], t
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    exit_on_environment_error()
     return run(args)
 
 

@@ -18,6 +18,25 @@ def program_name(module: str) -> str:
     return name if name.startswith("smfnet-") else f"python -m {module}"
 
 
+def environment_error() -> str | None:
+    """The error line for a bad setting of an environment variable the CLIs read
+    ($SMFNET_JAX_IMPL), or None; each CLI prints it and exits 2 before any work."""
+    from smfnet_jax.policy import requested_routines
+    try:
+        requested_routines()
+    except ValueError as e:
+        return f"error: {e}"
+    return None
+
+
+def exit_on_environment_error() -> None:
+    """`environment_error()`, printed to stderr, then exit status 2."""
+    msg = environment_error()
+    if msg:
+        print(msg, file=sys.stderr)
+        raise SystemExit(2)
+
+
 class Progress:
     """A tqdm bar on a terminal; elsewhere (a log file, CI) plain lines instead of a bar's
     carriage returns: one after the first item, then at most every `every_s` seconds, and

@@ -135,3 +135,26 @@ def test_matrix_unit_emulation_rounds_every_conv_and_dot():
     assert np.array_equal(run(), exact)
     assert 2 ** -16 < errors["tf32"] < 2 ** -8, errors
     assert 4 * errors["tf32"] < errors["bf16"] < 2 ** -4, errors
+
+
+@pytest.mark.parametrize("module,argv", [
+    ("infer.main", ["--ckpt", "x.pth", "--ir", "a", "--vi", "b", "--out", "c"]),
+    ("infer.bench", ["--ckpt", "x.pth"]),
+    ("infer.device_check", ["--quick"]),
+    ("train.bench", []),
+    ("train.main", ["train.main", "--config", "smoke.py", "--workdir", "w"]),
+    ("convert.main", ["--pth", "x.pth", "--out", "y.safetensors"]),
+])
+def test_every_cli_names_a_bad_routines_variable(module, argv, monkeypatch, capsys, tmp_path):
+    """$SMFNET_JAX_IMPL=bogus: the variable's own one-line message and exit 2, before any
+    work (not a traceback, not a checkpoint blamed for it)."""
+    import importlib
+    from smfnet_jax.policy import IMPL_ENV
+    monkeypatch.setenv(IMPL_ENV, "bogus")
+    monkeypatch.chdir(tmp_path)
+    main = importlib.import_module(module).main
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {IMPL_ENV}='bogus': expected one of auto, cpu, xla"], err

@@ -106,8 +106,10 @@ def format_precision(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from smfnet_jax.cli import exit_on_environment_error
     from smfnet_jax.policy import IMPL_HELP, PRECISION_HELP, PRECISIONS
     from smfnet_jax.runtime import configure_xla_cpu
+    exit_on_environment_error()
     configure_xla_cpu()  # memory-optimised XLA:CPU scheduler; must precede any JAX work
     p = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__, epilog=IMPL_HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -47,6 +47,39 @@ def resolve_config_arg(argv: list[str]) -> list[str]:
     return out
 
 
+def config_file_problem(argv: list[str]) -> str | None:
+    """One line for a --config file that cannot give a config (missing, a syntax error, a
+    get_config() that raises or returns something else), or None. Loaded here first because
+    absl would report these as tracebacks; ml_collections loads it again (configs are cheap)."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith("--config="):
+            value = arg.split("=", 1)[1]
+        if value is not None:
+            break
+    if value is None:
+        return None  # absl reports the missing required flag
+    path, _, config_arg = value.partition(":")
+    if not Path(path).is_file():
+        return f"--config {path}: no such file (nor in {CONFIG_DIR})"
+    import importlib.util
+    import ml_collections
+    try:
+        spec = importlib.util.spec_from_file_location("_smfnet_config_check", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            return f"--config {path}: defines no get_config()"
+        cfg = module.get_config(config_arg) if config_arg else module.get_config()
+    except Exception as e:  # whatever the file raises, one line naming it
+        return f"--config {path}: {type(e).__name__}: {e}"
+    if not isinstance(cfg, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
+        return f"--config {path}: get_config() returned {type(cfg).__name__}, not a ConfigDict"
+    return None
+
+
 def _define_flags():
     from absl import flags
     from ml_collections import config_flags
@@ -111,6 +144,9 @@ def run(cfg, workdir: str, allow_config_change: bool = False) -> int:
         if missing_data(e.problems):
             print(MSRS_HELP, file=sys.stderr)
         return 2
+    if Path(workdir).exists() and not Path(workdir).is_dir():
+        print(f"error: --workdir {workdir} is not a folder", file=sys.stderr)
+        return 2
     init_distributed(cfg)
     try:
         with Trainer(cfg, workdir, allow_config_change=allow_config_change) as trainer:
@@ -132,10 +168,16 @@ def run(cfg, workdir: str, allow_config_change: bool = False) -> int:
 def main(argv: list[str] | None = None) -> int:
     # Here rather than under __main__ so the smfnet-train console script gets it too.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    from smfnet_jax.cli import exit_on_environment_error
     from smfnet_jax.runtime import configure_xla_cpu
+    exit_on_environment_error()
     configure_xla_cpu()  # memory-optimised XLA:CPU scheduler; must precede any JAX work
     from absl import app
     argv = resolve_config_arg(list(sys.argv if argv is None else argv))
+    problem = config_file_problem(argv[1:])
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     unknown = unknown_overrides(argv[1:])
     if unknown:
         for line in unknown:

@@ -169,6 +169,8 @@ def prepare(src: str | os.PathLike, out: str | os.PathLike, patch: int = 128, st
         raise PrepareError(f"patch and stride must be positive, got patch={patch}, stride={stride}")
     log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))  # above a progress bar
     out = Path(out)
+    if out.is_dir():  # refused before any work (the atomic rename would fail only at the end)
+        raise PrepareError(f"--out {out} is a folder: give the path of the H5 file to write")
     report = PrepareReport(out=out)
     pairs, problems = find_pairs(Path(src))
     report.pairs_found = len(pairs)
@@ -228,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="exit with status 1 when any image was skipped (the H5 is still written)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    if Path(args.out).is_dir():  # before any work: the H5 is written by one rename at the end
+        print(f"error: --out {args.out} is a folder: give the path of the H5 file to write", file=sys.stderr)
+        return 2
     try:
         report = prepare(args.src, args.out, args.patch, args.stride, progress=not args.quiet)
     except PrepareError as e:

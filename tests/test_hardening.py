@@ -1,0 +1,115 @@
+"""Bad input gets one clear line and a usage exit status, and loses nothing (issue #23, the
+rows done so far): config files that cannot give a config, a workdir that is a file, a
+prepare output that is a folder, --tile 0, our own _grid outputs in an evaluated folder,
+and Ctrl-C during fusion. (A bad $SMFNET_JAX_IMPL: tests/test_policy.py.)"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("body,expect", [
+    (None, "no such file"),
+    ("def get_config(:\n", "SyntaxError"),
+    ("def get_config():\n    raise RuntimeError('boom')\n", "RuntimeError: boom"),
+    ("def get_config():\n    return 42\n", "get_config() returned int, not a ConfigDict"),
+    ("x = 1\n", "defines no get_config()"),
+])
+def test_config_file_problems_are_one_line(body, expect, tmp_path, monkeypatch, capsys):
+    from train import main as train_main
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # restored afterwards
+    cfg = tmp_path / "cfg.py"
+    if body is not None:
+        cfg.write_text(body)
+    rc = train_main.main(["train.main", "--config", str(cfg), "--workdir", str(tmp_path / "w")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: --config {cfg}: ") and expect in err[0], err
+    assert not (tmp_path / "w").exists()
+
+
+def test_workdir_that_is_a_file_is_refused(tmp_path):
+    f = tmp_path / "notes.txt"
+    f.write_text("keep me")
+    r = subprocess.run([sys.executable, "-m", "train.main", "--config", "smoke.py", "--workdir", str(f)],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert f"error: --workdir {f} is not a folder" in r.stderr
+    assert f.read_text() == "keep me"
+
+
+def test_prepare_refuses_a_folder_as_output_before_any_work(tmp_path, capsys):
+    from train import prepare
+    src = tmp_path / "src"
+    for sub in ("ir", "vi"):
+        (src / sub).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(src / sub / "a.png")
+    out = tmp_path / "out_folder"
+    out.mkdir()
+    assert prepare.main(["--src", str(src), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --out {out} is a folder: give the path of the H5 file to write"]
+    assert list(out.iterdir()) == []
+    with pytest.raises(prepare.PrepareError, match="is a folder"):
+        prepare.prepare(src, out)
+
+
+def test_tile_zero_is_documented_as_off():
+    from infer.main import build_parser
+    action = next(a for a in build_parser()._actions if "--tile" in a.option_strings)
+    assert action.default == 0 and "0 (the default) is off" in action.help
+
+
+def _png(path, seed, shape=(24, 20)):
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)).save(path)
+
+
+def test_evaluate_ignores_our_own_grid_outputs(tmp_path, capsys):
+    from infer import evaluate as ev
+    dirs = {k: tmp_path / k for k in ("ir", "vi", "fused")}
+    for d in dirs.values():
+        d.mkdir()
+    for i, k in enumerate(("ir", "vi", "fused")):
+        _png(dirs[k] / "a.png", i, (48, 44))  # the metrics need >= 41 pixels a side
+    Image.fromarray(np.zeros((60, 140, 3), np.uint8)).save(dirs["fused"] / "a_grid.png")  # --grid's
+    _png(dirs["fused"] / "b_grid.png", 5)  # not beside a fused b.png: still reported
+    rc = ev.main(["--ir", str(dirs["ir"]), "--vi", str(dirs["vi"]), "--fused", str(dirs["fused"])])
+    err = capsys.readouterr().err
+    assert rc == 1 and "a_grid" not in err and "b_grid" in err, err
+    (dirs["fused"] / "b_grid.png").unlink()
+    assert ev.main(["--ir", str(dirs["ir"]), "--vi", str(dirs["vi"]), "--fused", str(dirs["fused"])]) == 0
+
+
+def test_ctrl_c_during_fusion_says_how_far_it_got(tmp_path, monkeypatch, capsys):
+    import infer.main as cli
+    ir, vi, out = (tmp_path / k for k in ("ir", "vi", "out"))
+    ir.mkdir()
+    vi.mkdir()
+    for name, seed in (("a", 1), ("b", 2), ("c", 3)):
+        _png(ir / f"{name}.png", seed)
+        _png(vi / f"{name}.png", seed + 10)
+    calls = []
+
+    def fuser(a, b):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return np.maximum(a, b).astype(np.float32)
+
+    monkeypatch.setattr(cli, "load_fuser", lambda ckpt, **kw: fuser)
+    monkeypatch.setattr(cli, "available_memory", lambda: None)
+    ckpt = tmp_path / "m.pth"
+    ckpt.write_bytes(b"unused")
+    rc = cli.main(["--ckpt", str(ckpt), "--ir", str(ir), "--vi", str(vi), "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == cli.EXIT_INTERRUPTED == 130
+    assert err[-1] == f"interrupted: 1 of 3 pairs written to {out}", err
+    assert sorted(p.name for p in out.iterdir()) == ["a.png"]  # complete, nothing partial
