@@ -126,6 +126,8 @@ def _mutate(kind):
         header, match = b"{not json", "not UTF-8 JSON"
     elif kind == "not object":
         header, match = b"[1, 2]", "not a JSON object"
+    elif kind == "deep":  # json.loads would raise RecursionError
+        header, match = b"[" * 100000 + b"]" * 100000, "not a valid safetensors file: .*nested too deeply"
     elif kind == "dtype":
         header["a"]["dtype"], match = "F128", "unknown dtype"
     elif kind == "span":
@@ -147,7 +149,7 @@ def _mutate(kind):
     return header, data, length, match
 
 
-@pytest.mark.parametrize("kind", ["huge header", "header past end", "bad json", "not object",
+@pytest.mark.parametrize("kind", ["huge header", "header past end", "bad json", "not object", "deep",
                                   "dtype", "span", "beyond", "overlap", "hole", "trailing",
                                   "metadata", "keys"])
 def test_hostile_safetensors_refused(tmp_path, kind):

@@ -121,6 +121,8 @@ def load_safetensors(path: str | os.PathLike, *, max_bytes: int | None = None
             header = json.loads(raw_header.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise bad(f"the header is not UTF-8 JSON ({exc})") from None
+        except RecursionError:  # e.g. 100000 nested '[': no real header nests like that
+            raise bad("the header's JSON is nested too deeply") from None
         if not isinstance(header, dict):
             raise bad("the header is not a JSON object")
         metadata = header.pop(_METADATA, None) or {}
