@@ -4,14 +4,37 @@ A file is written under a temporary name in its target folder and renamed over t
 only once complete (fsync'd), so a crash or an error leaves the old file or no file, never
 a partial one. The temporary file is created with mode 0o666 and O_EXCL (the umask decides
 the final mode; tempfile.mkstemp's 0600 would stick to the output).
+
+What the target already is decides where the bytes go, the same for every writer: a
+symbolic link is followed (its target is replaced, the link stays); a character device or a
+FIFO (`/dev/null`, `/dev/stdout`, a named pipe) is written through, never replaced by a
+regular file (a rename would destroy the device node); a folder or a socket is refused.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import secrets
+import stat
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
+
+
+def _resolve_target(path: Path) -> tuple[Path, bool]:
+    """(where to write, whether to write through instead of renaming); see the module doc."""
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))  # a dangling link: create its target
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return path, False
+    if stat.S_ISREG(mode):
+        return path, False
+    if stat.S_ISCHR(mode) or stat.S_ISFIFO(mode):
+        return path, True
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(f"{path} is a folder: cannot write a file there")
+    raise OSError(f"{path} is not a regular file, a device or a FIFO: cannot write a file there")
 
 
 def _exclusive_temp(path: Path) -> tuple[int, Path]:
@@ -28,7 +51,9 @@ def _exclusive_temp(path: Path) -> tuple[int, Path]:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path` for a writer that wants a file name (h5py);
     on success it replaces `path`, on any error it is removed."""
-    path = Path(path)
+    path, through = _resolve_target(Path(path))
+    if through:
+        raise OSError(f"{path} is not a regular file: this writer needs one")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _exclusive_temp(path)
     os.close(fd)
@@ -43,8 +68,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
-    """Call `write(binary_file)` on a temporary file, then rename it over `path`."""
-    path = Path(path)
+    """Call `write(binary_file)` on a temporary file, then rename it over `path` (through a
+    character device or FIFO, followed through a symlink: see the module doc)."""
+    path, through = _resolve_target(Path(path))
+    if through:
+        with open(path, "wb") as f:
+            write(f)
+            f.flush()
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _exclusive_temp(path)
     try:

@@ -113,3 +113,43 @@ def test_ctrl_c_during_fusion_says_how_far_it_got(tmp_path, monkeypatch, capsys)
     assert rc == cli.EXIT_INTERRUPTED == 130
     assert err[-1] == f"interrupted: 1 of 3 pairs written to {out}", err
     assert sorted(p.name for p in out.iterdir()) == ["a.png"]  # complete, nothing partial
+
+
+def test_atomic_writers_respect_what_the_target_is(tmp_path):
+    """A symlink is followed (its target replaced, the link kept), a character device or a
+    FIFO is written through (never replaced by a regular file), a folder refused; the same
+    for every writer (JSON, PNG, .npy all go through smfnet_jax.fileio)."""
+    import json
+    import stat
+    import threading
+
+    from smfnet_jax.fileio import atomic_write_json
+    from smfnet_jax.imageio import write_png
+    target, link = tmp_path / "b.json", tmp_path / "a.json"
+    target.write_text("old")
+    link.symlink_to(target.name)
+    atomic_write_json(link, {"x": 1})
+    assert link.is_symlink() and json.loads(target.read_text()) == {"x": 1}
+    png = tmp_path / "p.png"
+    (tmp_path / "p_link.png").symlink_to(png)  # dangling: creates its target
+    write_png(tmp_path / "p_link.png", np.zeros((4, 4), np.uint8))
+    assert (tmp_path / "p_link.png").is_symlink() and png.is_file()
+
+    atomic_write_json("/dev/null", {"x": 1})
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    if os.path.exists("/dev/full"):
+        with pytest.raises(OSError, match="No space left"):
+            atomic_write_json("/dev/full", {"x": 1})
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()))
+    reader.start()
+    atomic_write_json(fifo, {"y": 2})
+    reader.join(10)
+    assert json.loads(got[0]) == {"y": 2} and stat.S_ISFIFO(os.stat(fifo).st_mode)
+
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        atomic_write_json(tmp_path, {"x": 1})
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
