@@ -12,9 +12,11 @@ it per sub-model. Whatever the format, every loaded tensor goes through one dtyp
 """
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,6 +125,28 @@ def save_safetensors_checkpoint(path: str | os.PathLike, model: SMFNet, extras: 
     save_safetensors(path, flatten_reference(export_reference_weights(model, extras)), metadata)
 
 
+def _silence_abandoned_orbax_reads() -> None:
+    """After a failed restore, orbax's other reads of the same checkpoint fail too, and each
+    coroutine's error is printed (with its TensorStore spec) when it is collected: hundreds
+    of lines after the one that matters. Drop those, and only those."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        code = getattr(unraisable.object, "cr_code", None)
+        if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+
+
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    """The head of an error's message: its first line, before any TensorStore spec."""
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    text = text.split(" [tensorstore_spec")[0].split(". See full TensorStore")[0]
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _restore_dir(path: Path, step: int | None) -> Loaded:
     ocp = _ocp()
     if not path.is_dir():
@@ -157,7 +181,23 @@ def _restore_dir(path: Path, step: int | None) -> Loaded:
             args[EXTRAS_ITEM] = ocp.args.StandardRestore(extras_template())
         if META_ITEM in items:
             args[META_ITEM] = ocp.args.JsonRestore()
-        restored = mngr.restore(step, args=ocp.args.Composite(**args))
+        for item in items & set(args):  # orbax reports these without naming the file
+            if (step_dir / item / "ocdbt.process_0").is_dir() and not (step_dir / item / "manifest.ocdbt").is_file():
+                # (and TensorStore's threads print tracebacks at exit after failing on it)
+                raise CheckpointError(f"{step_dir / item / 'manifest.ocdbt'}: missing: corrupt or "
+                                      "truncated orbax checkpoint")
+            meta_file = step_dir / item / "_METADATA"
+            if meta_file.is_file():
+                try:
+                    json.loads(meta_file.read_text())
+                except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                    raise CheckpointError(f"{meta_file}: corrupt (not JSON: {e})") from None
+        try:
+            restored = mngr.restore(step, args=ocp.args.Composite(**args))
+        except Exception as e:  # TensorStore / orbax errors, many lines and a JSON spec each
+            _silence_abandoned_orbax_reads()
+            raise CheckpointError(f"{path} step {step}: corrupt or truncated orbax checkpoint "
+                                  f"({_first_line(e)})") from None
     finally:
         mngr.close()
     model = create_model(0)

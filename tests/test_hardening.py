@@ -153,3 +153,61 @@ def test_atomic_writers_respect_what_the_target_is(tmp_path):
     with pytest.raises(IsADirectoryError, match="is a folder"):
         atomic_write_json(tmp_path, {"x": 1})
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.fixture(scope="module")
+def converted_dir(tmp_path_factory):
+    from smfnet_jax.checkpoint import save_converted
+    from smfnet_jax.model import create_model
+    out = tmp_path_factory.mktemp("orbax") / "ckpt"
+    save_converted(out, create_model(0), None, {})
+    return out
+
+
+def _corrupt(src: Path, dst: Path, kind: str) -> None:
+    import shutil
+    shutil.copytree(src, dst)
+    model = dst / "0" / "model"
+    largest = max((p for p in (model / "ocdbt.process_0" / "d").iterdir()), key=lambda p: p.stat().st_size)
+    if kind == "deleted":
+        largest.unlink()
+    elif kind == "truncated":
+        os.truncate(largest, largest.stat().st_size // 10)
+    elif kind == "flipped":
+        # the file's own structure (its first bytes); flips inside raw weight bytes load as other
+        # finite weights: orbax keeps no checksum (README), so only non-finite ones are caught
+        data = bytearray(largest.read_bytes())
+        data[:64] = bytes(b ^ 0xFF for b in data[:64])
+        largest.write_bytes(bytes(data))
+    elif kind == "metadata":
+        (model / "_METADATA").write_text("{garbage")
+    elif kind == "manifest":
+        for p in dst.rglob("manifest.ocdbt"):
+            p.unlink()
+
+
+@pytest.mark.parametrize("kind,names", [
+    ("deleted", "{dst} step 0: corrupt or truncated orbax checkpoint"),
+    ("truncated", "{dst} step 0: corrupt or truncated orbax checkpoint"),
+    ("flipped", "{dst} step 0"),   # a checksum error or, where the bytes still decode, non-finite weights
+    ("metadata", "{dst}/0/model/_METADATA: corrupt (not JSON"),
+    ("manifest", "{dst}/0/model/manifest.ocdbt: missing: corrupt or truncated"),
+])
+def test_corrupt_orbax_checkpoint_is_one_clear_error(converted_dir, tmp_path, kind, names):
+    from smfnet_jax.checkpoint import CheckpointError, load_checkpoint
+    dst = tmp_path / "bad"
+    _corrupt(converted_dir, dst, kind)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(dst)
+    assert str(e.value).startswith(names.format(dst=dst)), str(e.value)[:300]
+    assert "\n" not in str(e.value) and "tensorstore_spec" not in str(e.value)
+
+
+def test_corrupt_orbax_checkpoint_cli_prints_one_line(converted_dir, tmp_path):
+    dst = tmp_path / "bad"
+    _corrupt(converted_dir, dst, "truncated")
+    r = subprocess.run([sys.executable, "-m", "convert.main", "--ckpt", str(dst), "--out",
+                        str(tmp_path / "x.safetensors")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    lines = [line for line in r.stderr.splitlines() if "Warning" not in line and line.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
+    assert "corrupt or truncated orbax checkpoint" in lines[0]
