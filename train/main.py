@@ -28,22 +28,27 @@ from pathlib import Path
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
+def _config_flag(argv: list[str]) -> tuple[int, str, str] | None:
+    """The --config flag of `argv` that absl uses (the last one): (index of the word holding
+    its value, the value, the prefix before the value in that word: "--config=" or ""), or None."""
+    found = None
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            found = i + 1, argv[i + 1], ""
+        elif arg.startswith("--config="):
+            found = i, arg.split("=", 1)[1], "--config="
+    return found
+
+
 def resolve_config_arg(argv: list[str]) -> list[str]:
     """Let `--config msrs.py` name a file of train/configs/ as well as a path."""
     out = list(argv)
-    for i, arg in enumerate(out):
-        value, prefix = None, None
-        if arg == "--config" and i + 1 < len(out):
-            value, prefix, j = out[i + 1], None, i + 1
-        elif arg.startswith("--config="):
-            value, prefix, j = arg.split("=", 1)[1], "--config=", i
-        if value is None:
-            continue
+    found = _config_flag(out)
+    if found:
+        j, value, prefix = found
         path, _, rest = value.partition(":")  # config_flags allows FILE:ARG
         if not Path(path).exists() and (CONFIG_DIR / path).exists():
-            value = str(CONFIG_DIR / path) + (":" + rest if rest else "")
-            out[j] = (prefix or "") + value
-        break
+            out[j] = prefix + str(CONFIG_DIR / path) + (":" + rest if rest else "")
     return out
 
 
@@ -51,25 +56,15 @@ def config_file_problem(argv: list[str]) -> str | None:
     """One line for a --config file that cannot give a config (missing, a syntax error, a
     get_config() that raises or returns something else), or None. Loaded here first because
     absl would report these as tracebacks; ml_collections loads it again (configs are cheap)."""
-    value = None
-    for i, arg in enumerate(argv):
-        if arg == "--config" and i + 1 < len(argv):
-            value = argv[i + 1]
-        elif arg.startswith("--config="):
-            value = arg.split("=", 1)[1]
-        if value is not None:
-            break
-    if value is None:
+    found = _config_flag(argv)
+    if found is None:
         return None  # absl reports the missing required flag
-    path, _, config_arg = value.partition(":")
+    path, _, config_arg = found[1].partition(":")
     if not Path(path).is_file():
         return f"--config {path}: no such file (nor in {CONFIG_DIR})"
-    import importlib.util
     import ml_collections
     try:
-        spec = importlib.util.spec_from_file_location("_smfnet_config_check", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        module = _load_config_module(path)
         if not hasattr(module, "get_config"):
             return f"--config {path}: defines no get_config()"
         cfg = module.get_config(config_arg) if config_arg else module.get_config()
@@ -107,15 +102,10 @@ def unknown_overrides(argv: list[str]) -> list[str]:
     would end in a traceback). Empty when the config file cannot be loaded here: then
     config_flags reports that itself."""
     from train.configs.validate import as_dict, flatten, unknown_key_message
-    config_arg = None
-    for i, arg in enumerate(argv):
-        if arg == "--config" and i + 1 < len(argv):
-            config_arg = argv[i + 1]
-        elif arg.startswith("--config="):
-            config_arg = arg.split("=", 1)[1]
-    if config_arg is None:
+    found = _config_flag(argv)
+    if found is None:
         return []
-    path, _, extra = config_arg.partition(":")
+    path, _, extra = found[1].partition(":")
     try:
         module = _load_config_module(path)
         cfg = module.get_config(extra) if extra else module.get_config()
