@@ -49,12 +49,14 @@ from smfnet_jax.imageio import (
     IMAGE_EXTENSIONS,
     ImageReadError,
     float_to_uint8,
+    gray_levels,
     image_size,
     is_grey,
     match_by_stem,
     read_image,
-    rgb_to_gray,
+    rgb_to_y,
     rgb_to_ycrcb,
+    row_blocks,
     write_npy,
     write_png,
     ycrcb_to_rgb,
@@ -110,13 +112,6 @@ def describe_run(ckpt: Path, dtype: str, step: int | None = None, policy=None) -
             f"{how}checkpoint {ckpt} ({kind})")
 
 
-def tiled(fuser: Callable, tile: int, overlap: int) -> Callable:
-    """The fuser applied to overlapping tile x tile tiles, blended (bounded memory)."""
-    from smfnet_jax.inference import fuse_tiled
-
-    return lambda ir, vi: fuse_tiled(fuser, ir, vi, tile=tile, overlap=overlap)
-
-
 # ----------------------------------------------------------------------------- pairing
 
 @dataclass(frozen=True)
@@ -147,13 +142,29 @@ class PairError(Exception):
 
 @dataclass
 class LoadedPair:
+    """A pair kept as 8-bit pixels (1 + 1 or 3 bytes per pixel); the network's float inputs
+    and the colour planes are made from them region by region, so that a huge pair fused in
+    tiles never has image-sized float copies."""
     pair: Pair
-    ir: np.ndarray         # [0, 1] HxW
-    vi: np.ndarray         # Y in [0, 1] HxW
-    vi_ycrcb: np.ndarray   # 0..255 HxWx3
+    ir_gray: np.ndarray    # uint8 HxW: the first image's cv2 GRAY levels
+    vi_pixels: np.ndarray  # uint8 HxW (grey) or HxWx3 (RGB): the second image
     grey: bool             # the second image is grey
     tile: int = 0          # fuse in tile x tile tiles (0: whole)
     fit: int = 2**31       # how many pairs of this size fit in memory together (for --batch)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.ir_gray.shape
+
+    def inputs(self, rows: slice = slice(None), cols: slice = slice(None)):
+        """(ir, vi) of a region as the network takes them: GRAY / 255 and the unrounded Y of
+        YCrCb / 255, float32 in [0, 1] (as the reference's test script)."""
+        ir = self.ir_gray[rows, cols].astype(np.float32) / np.float32(255.0)
+        return ir, rgb_to_y(self.vi_pixels[rows, cols]) / np.float32(255.0)
+
+    def vi_ycrcb(self, rows: slice = slice(None)) -> np.ndarray:
+        """(Y, Cr, Cb) of the second image's rows, float32 0..255."""
+        return rgb_to_ycrcb(self.vi_pixels[rows])
 
 
 def load_pair(pair: Pair, scale16: str = "high",
@@ -181,10 +192,12 @@ def load_pair(pair: Pair, scale16: str = "high",
         raise PairError(f"sizes differ: {pair.ir} is {ir_raw.shape[1]}x{ir_raw.shape[0]}, "
                         f"{pair.vi} is {vi_raw.shape[1]}x{vi_raw.shape[0]} (WxH)")
     # As the reference: GRAY (rounded) for the first image, unrounded Y for the second.
-    ir = rgb_to_gray(ir_raw) / np.float32(255.0)
-    vi_ycrcb = rgb_to_ycrcb(vi_raw)
-    vi = vi_ycrcb[..., 0] / np.float32(255.0)
-    return LoadedPair(pair, ir, vi, vi_ycrcb, is_grey(vi_raw), tile, fit)
+    ir_gray = gray_levels(ir_raw)
+    del ir_raw
+    grey = is_grey(vi_raw)
+    if grey and vi_raw.ndim == 3:  # three equal channels: one is the same image
+        vi_raw = np.ascontiguousarray(vi_raw[..., 0])
+    return LoadedPair(pair, ir_gray, vi_raw, grey, tile, fit)
 
 
 def memory_plan(available: int | None, tile: int, dtype: str, report: Callable[[str], None]):
@@ -213,46 +226,60 @@ def memory_plan(available: int | None, tile: int, dtype: str, report: Callable[[
     return plan
 
 
-def postprocess(fused: np.ndarray, normalize: bool) -> np.ndarray:
+def postprocess(fused: np.ndarray, value_range: tuple | None) -> np.ndarray:
     """Raw sigmoid output -> float32 image in 0..255 (before rounding), as the reference.
 
-    Min-max normalisation in float32; a constant output (max == min), where the reference
-    would divide by zero and write black, is kept as it is instead.
+    value_range: the whole output's (min, max) for min-max normalisation in float32 (the
+    reference's), or None (--no-normalize); a constant output (max == min), where the
+    reference would divide by zero and write black, is kept as it is instead.
     """
     fused = np.asarray(fused, np.float32)
-    if normalize:
-        lo, hi = fused.min(), fused.max()
+    if value_range is not None:
+        lo, hi = value_range
         if hi > lo:
             fused = (fused - lo) / (hi - lo)
     return fused * np.float32(255.0)
 
 
-def render(fused255: np.ndarray, vi_ycrcb: np.ndarray, grey: bool) -> np.ndarray:
-    """uint8 output image: grey HxW, or RGB with the second image's Cr/Cb."""
-    if grey:
-        return float_to_uint8(fused255)
-    return ycrcb_to_rgb(np.stack([fused255, vi_ycrcb[..., 1], vi_ycrcb[..., 2]], axis=-1))
+def render(loaded: LoadedPair, fused: np.ndarray, normalize: bool) -> np.ndarray:
+    """uint8 output image: grey HxW, or RGB with the second image's Cr/Cb; made by blocks of
+    rows (imageio.row_blocks; the result equals converting the whole image at once)."""
+    fused = np.asarray(fused, np.float32)
+    value_range = (fused.min(), fused.max()) if normalize else None
+    image = np.empty(fused.shape + (() if loaded.grey else (3,)), np.uint8)
+    for rows in row_blocks(*fused.shape):
+        fused255 = postprocess(fused[rows], value_range)
+        if loaded.grey:
+            image[rows] = float_to_uint8(fused255)
+        else:
+            ycrcb = loaded.vi_ycrcb(rows)
+            ycrcb[..., 0] = fused255
+            image[rows] = ycrcb_to_rgb(ycrcb)
+    return image
 
 
 def fuse_batch(fuser: Callable, batch: list[LoadedPair], overlap: int = 32) -> list[np.ndarray | PairError]:
     """Fuse same-size loaded pairs in one call (one pair: `fuser(ir, vi)` on HxW arrays, or
     tile by tile when it has a tile size; more: on NxHxW stacks). Returns per pair its HxW
     float32 output or the PairError saying why not."""
+    from smfnet_jax.inference import fuse_tiled_by
+
     try:
         if len(batch) == 1 and batch[0].tile:
-            outputs = [tiled(fuser, batch[0].tile, overlap)(batch[0].ir, batch[0].vi)]
+            outputs = [fuse_tiled_by(fuser, batch[0].inputs, batch[0].shape, batch[0].tile, overlap)]
         elif len(batch) == 1:
-            outputs = [fuser(batch[0].ir, batch[0].vi)]
+            outputs = [fuser(*batch[0].inputs())]
         else:
-            outputs = list(fuser(np.stack([b.ir for b in batch]), np.stack([b.vi for b in batch])))
+            inputs = [b.inputs() for b in batch]
+            outputs = list(fuser(np.stack([ir for ir, _ in inputs]), np.stack([vi for _, vi in inputs])))
     except Exception as e:  # a model failure must not stop the other pairs
         return [PairError(f"fusion failed: {type(e).__name__}: {e}") for _ in batch]
     results = []
     for b, fused in zip(batch, outputs):
         fused = np.asarray(fused, np.float32)
-        if fused.shape != b.ir.shape:
-            results.append(PairError(f"the model returned shape {fused.shape}, expected {b.ir.shape}"))
-        elif not np.all(np.isfinite(fused)):
+        if fused.shape != b.shape:
+            results.append(PairError(f"the model returned shape {fused.shape}, expected {b.shape}"))
+        elif not (np.isfinite(fused.min()) and np.isfinite(fused.max())):  # NaN propagates; no temporary
             results.append(PairError("the model returned non-finite values"))
         else:
             results.append(fused)
@@ -264,13 +291,13 @@ def grid_image(loaded: LoadedPair, output: np.ndarray) -> np.ndarray:
     grey when all three are grey, else RGB). Labels use PIL's default font."""
     from PIL import Image, ImageDraw
 
-    ir = float_to_uint8(loaded.ir * np.float32(255.0))
-    vi = (float_to_uint8(loaded.vi_ycrcb[..., 0]) if loaded.grey
-          else ycrcb_to_rgb(loaded.vi_ycrcb))
+    ir = loaded.ir_gray
+    vi = (float_to_uint8(rgb_to_y(loaded.vi_pixels)) if loaded.grey
+          else ycrcb_to_rgb(loaded.vi_ycrcb()))
     panels = [("infrared", ir), ("visible", vi), ("fused", output)]
     colour = any(p.ndim == 3 for _, p in panels)
     gap, label_h = 4, 14
-    h, w = ir.shape
+    h, w = loaded.shape
     canvas = Image.new("RGB" if colour else "L", (3 * w + 2 * gap, h + label_h),
                        (255, 255, 255) if colour else 255)
     draw = ImageDraw.Draw(canvas)
@@ -290,7 +317,7 @@ def write_outputs(loaded: LoadedPair, fused: np.ndarray, out_dir: Path, normaliz
     Each file is first written (atomically) under a temporary name; only when all are
     complete are they renamed to their final names. So a failure removes only this run's
     temporary files and never an output an earlier run left in `out_dir`."""
-    image = render(postprocess(fused, normalize), loaded.vi_ycrcb, loaded.grey)
+    image = render(loaded, fused, normalize)
     name = loaded.pair.name
     targets = [(out_dir / f"{name}.png", lambda p: write_png(p, image))]
     if save_npy:
@@ -325,7 +352,7 @@ def same_size_batches(pairs: Iterable[Pair], size: int, failed: Callable[[Pair, 
         except PairError as e:
             failed(pair, e)
             continue
-        if batch and (len(batch) >= min(size, batch[0].fit) or batch[0].ir.shape != loaded.ir.shape
+        if batch and (len(batch) >= min(size, batch[0].fit) or batch[0].shape != loaded.shape
                       or batch[0].tile or loaded.tile):
             yield batch
             batch = []

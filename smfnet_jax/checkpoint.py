@@ -125,22 +125,52 @@ def save_safetensors_checkpoint(path: str | os.PathLike, model: SMFNet, extras: 
     save_safetensors(path, flatten_reference(export_reference_weights(model, extras)), metadata)
 
 
-def _silence_abandoned_orbax_reads() -> None:
-    """After a failed restore, orbax's other reads of the same checkpoint fail too, and each
-    coroutine's error is printed (with its TensorStore spec) when it is collected: hundreds
-    of lines after the one that matters. Drop those, and only those."""
+_QUIETED = False
+
+
+def quiet_orbax_failures() -> None:
+    """Keep one failed orbax read or write to the one line its caller prints.
+
+    After one TensorStore read or write fails, orbax abandons the others: each abandoned
+    coroutine's error is printed when it is collected, each TensorStore callback that finds
+    the event loop closed prints a 'RuntimeError: Event loop is closed' traceback (through
+    sys.unraisablehook, also at exit), and orbax logs the failure with its traceback at
+    ERROR from several threads: hundreds of lines. Drop exactly those; the exception itself
+    still reaches the caller. Installed once per process (idempotent)."""
+    global _QUIETED
+    if _QUIETED:
+        return
+    _QUIETED = True
+    import logging
+    orbax_dir = f"{os.sep}orbax{os.sep}"
     previous = sys.unraisablehook
 
     def hook(unraisable):
         code = getattr(unraisable.object, "cr_code", None)
-        if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
-            return
+        if code is not None and orbax_dir in code.co_filename:
+            return  # an abandoned orbax coroutine
+        exc = unraisable.exc_value
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            return  # a TensorStore callback into orbax's closed loop
         previous(unraisable)
 
     sys.unraisablehook = hook
 
+    def keep(record) -> bool:
+        return not (record.levelno >= logging.ERROR and orbax_dir in record.pathname)
 
-def _first_line(e: BaseException, limit: int = 200) -> str:
+    def keep_task(record) -> bool:  # 'Task/Future exception was never retrieved' of an orbax write
+        if record.levelno < logging.ERROR:
+            return True
+        text = record.getMessage()
+        return not ("never retrieved" in text
+                    and any(mark in text for mark in (orbax_dir, "OCDBT", "TensorStore", "tensorstore")))
+
+    logging.getLogger("absl").addFilter(keep)
+    logging.getLogger("asyncio").addFilter(keep_task)
+
+
+def error_head(e: BaseException, limit: int = 200) -> str:
     """The head of an error's message: its first line, before any TensorStore spec."""
     text = (str(e).strip().splitlines() or [type(e).__name__])[0]
     text = text.split(" [tensorstore_spec")[0].split(". See full TensorStore")[0]
@@ -192,12 +222,12 @@ def _restore_dir(path: Path, step: int | None) -> Loaded:
                     json.loads(meta_file.read_text())
                 except (UnicodeDecodeError, json.JSONDecodeError) as e:
                     raise CheckpointError(f"{meta_file}: corrupt (not JSON: {e})") from None
+        quiet_orbax_failures()  # before: a failed read's echoes start at once, on other threads
         try:
             restored = mngr.restore(step, args=ocp.args.Composite(**args))
         except Exception as e:  # TensorStore / orbax errors, many lines and a JSON spec each
-            _silence_abandoned_orbax_reads()
             raise CheckpointError(f"{path} step {step}: corrupt or truncated orbax checkpoint "
-                                  f"({_first_line(e)})") from None
+                                  f"({error_head(e)})") from None
     finally:
         mngr.close()
     model = create_model(0)

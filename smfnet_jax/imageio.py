@@ -35,7 +35,9 @@ saturated to 0..255 and NaN becomes 0 (see :func:`float_to_uint8`).
 from __future__ import annotations
 
 import re
+import struct
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +55,10 @@ __all__ = [
     "to_rgb8",
     "is_grey",
     "rgb_to_gray",
+    "gray_levels",
+    "rgb_to_y",
     "rgb_to_ycrcb",
+    "row_blocks",
     "read_gray",
     "read_ycrcb",
     "ycrcb_to_rgb",
@@ -174,7 +179,8 @@ def read_image(path, scale16: str | None = None) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im.load()  # force a full decode so truncated/corrupt data fails here
-            im = ImageOps.exif_transpose(im)
+            if im.getexif().get(0x0112, 1) != 1:  # exif_transpose copies even when upright
+                im = ImageOps.exif_transpose(im)
             arr = _pil_to_array(im, path)
     except ImageReadError:
         raise
@@ -188,14 +194,12 @@ def read_image(path, scale16: str | None = None) -> np.ndarray:
 
 def _pil_to_array(im: Image.Image, path: Path) -> np.ndarray:
     mode = im.mode
-    if mode in ("L", "RGB"):
-        arr = np.asarray(im)
+    if mode in ("L", "RGB", "RGBA", "RGBX"):
+        arr = _blockwise_array(im, 3 if mode != "L" else None)  # alpha dropped, not premultiplied
     elif mode == "1":
         arr = np.asarray(im.convert("L"))  # 0/255, as libpng expands 1-bit grey
     elif mode == "LA":
         arr = np.asarray(im.getchannel("L"))  # drop alpha without premultiplying
-    elif mode in ("RGBA", "RGBX"):
-        arr = np.asarray(im)[..., :3]  # drop alpha without premultiplying
     elif mode in ("P", "PA"):
         base = im.convert("RGBA" if "transparency" in im.info or mode == "PA" else "RGB")
         arr = np.asarray(base)[..., :3]
@@ -214,6 +218,18 @@ def _pil_to_array(im: Image.Image, path: Path) -> np.ndarray:
     if arr.ndim not in (2, 3) or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise ImageReadError(path, f"unexpected image shape {arr.shape}")
     return np.ascontiguousarray(arr)
+
+
+def _blockwise_array(im: Image.Image, channels: int | None) -> np.ndarray:
+    """The pixels of an 8-bit L/RGB/RGBA image as a numpy array (the first `channels`
+    bands), copied a block of rows (row_blocks) at a time: np.asarray(im) would go through
+    im.tobytes(), two more image-sized buffers beside pillow's own 4 bytes per pixel."""
+    w, h = im.size
+    arr = np.empty((h, w) if channels is None else (h, w, channels), np.uint8)
+    for rows in row_blocks(h, w):
+        block = np.asarray(im.crop((0, rows.start, w, rows.stop)))
+        arr[rows] = block if channels is None else block[..., :channels]
+    return arr
 
 
 def to_rgb8(image: np.ndarray) -> np.ndarray:
@@ -239,8 +255,24 @@ def is_grey(image: np.ndarray) -> bool:
     image = np.asarray(image)
     if image.ndim == 2:
         return True
-    return bool(np.array_equal(image[..., 0], image[..., 1])
-                and np.array_equal(image[..., 0], image[..., 2]))
+    for rows in row_blocks(*image.shape[:2]):  # block by block: no image-sized temporaries
+        block = image[rows]
+        if not (np.array_equal(block[..., 0], block[..., 1])
+                and np.array_equal(block[..., 0], block[..., 2])):
+            return False
+    return True
+
+
+# Colour conversions, decoding and rendering of a large image work on blocks of rows of about
+# this many pixels, so that their temporaries (~45 bytes per pixel of the block for the float
+# colour conversions) grow with the block, not the image (a 12000x12000 pair).
+BLOCK_PIXELS = 1 << 18
+
+
+def row_blocks(height: int, width: int) -> list[slice]:
+    """Consecutive row slices covering `height` rows of `width` pixels, ~BLOCK_PIXELS each."""
+    rows = max(1, BLOCK_PIXELS // max(width, 1))
+    return [slice(y, min(y + rows, height)) for y in range(0, height, rows)]
 
 
 def _fma(a, b, c) -> np.ndarray:
@@ -263,13 +295,32 @@ def rgb_to_gray(image: np.ndarray) -> np.ndarray:
     return np.round(gray).astype(np.float32)
 
 
+def gray_levels(image: np.ndarray) -> np.ndarray:
+    """:func:`rgb_to_gray` as uint8 (its values are whole numbers in 0..255), computed block
+    by block: 1 byte per pixel where rgb_to_gray's float temporaries take ~40."""
+    image = np.asarray(image)
+    out = np.empty(image.shape[:2], np.uint8)
+    for rows in row_blocks(*image.shape[:2]):
+        out[rows] = rgb_to_gray(image[rows]).astype(np.uint8)
+    return out
+
+
+def _luma(r, g, b) -> np.ndarray:
+    return _fma(b, _B2Y, _fma(g, _G2Y, r * _R2Y))
+
+
+def rgb_to_y(image: np.ndarray) -> np.ndarray:
+    """HxW float32 Y of :func:`rgb_to_ycrcb` (the same value), without Cr and Cb."""
+    return _luma(*_channels_f32(image))
+
+
 def rgb_to_ycrcb(image: np.ndarray) -> np.ndarray:
     """HxWx3 float32 (Y, Cr, Cb), OpenCV's float conversion with chroma offset 128.
 
     Y is not rounded (the reference feeds the unrounded Y to the network).
     """
     r, g, b = _channels_f32(image)
-    y = _fma(b, _B2Y, _fma(g, _G2Y, r * _R2Y))
+    y = _luma(r, g, b)
     cr = _fma(r - y, _R2CR, np.full_like(y, _CHROMA_OFFSET))
     cb = _fma(b - y, _B2CB, np.full_like(y, _CHROMA_OFFSET))
     return np.stack([y, cr, cb], axis=-1)
@@ -315,17 +366,68 @@ def float_to_uint8(x: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- writing
 
 def write_png(path, image: np.ndarray) -> Path:
-    """Atomically write an HxW (grey) or HxWx3 (RGB) uint8 array as a PNG."""
+    """Atomically write an HxW (grey) or HxWx3 (RGB) uint8 array as an 8-bit PNG.
+
+    Encoded here, block of rows by block of rows (zlib level 6, each row's filter chosen
+    by the PNG specification's minimum-sum-of-absolute-differences heuristic, as libpng and
+    pillow do): the encoder holds a few blocks, never a copy of the image (pillow's holds
+    4 bytes per pixel for RGB). Any PNG reader decodes exactly `image`."""
     image = np.asarray(image)
     if image.dtype != np.uint8:
         raise ValueError(f"write_png expects uint8 pixels, got {image.dtype}")
-    if image.ndim == 2:
-        pil = Image.fromarray(image)
-    elif image.ndim == 3 and image.shape[-1] == 3:
-        pil = Image.fromarray(image)
-    else:
-        raise ValueError(f"write_png expects HxW or HxWx3, got shape {image.shape}")
-    return atomic_write(path, lambda f: pil.save(f, format="PNG"))
+    if not (image.ndim == 2 or (image.ndim == 3 and image.shape[-1] == 3)) or 0 in image.shape:
+        raise ValueError(f"write_png expects a non-empty HxW or HxWx3, got shape {image.shape}")
+    return atomic_write(path, lambda f: _encode_png(f, image))
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_IDAT_BYTES = 1 << 20  # compressed bytes per IDAT chunk
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _encode_png(f, image: np.ndarray) -> None:
+    h, w = image.shape[:2]
+    bpp = 1 if image.ndim == 2 else 3  # bytes per pixel
+    f.write(_PNG_SIGNATURE)
+    # IHDR: width, height, bit depth 8, colour type 0 (grey) or 2 (RGB), deflate, filter 0, no interlace
+    f.write(_png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0 if bpp == 1 else 2, 0, 0, 0)))
+    deflate = zlib.compressobj(6)
+    pending = bytearray()
+    above = np.zeros(w * bpp, np.uint8)  # the row before the first is zero (PNG spec)
+    for rows in row_blocks(h, w):
+        block = np.ascontiguousarray(image[rows]).reshape(-1, w * bpp)
+        pending += deflate.compress(_filter_rows(block, above, bpp))
+        above = block[-1]
+        while len(pending) >= _IDAT_BYTES:
+            f.write(_png_chunk(b"IDAT", bytes(pending[:_IDAT_BYTES])))
+            del pending[:_IDAT_BYTES]
+    pending += deflate.flush()
+    f.write(_png_chunk(b"IDAT", bytes(pending)))
+    f.write(_png_chunk(b"IEND", b""))
+
+
+def _filter_rows(block: np.ndarray, above: np.ndarray, bpp: int) -> bytes:
+    """Scanlines of `block` (rows x bytes, uint8), each prefixed by the PNG filter type that
+    minimises the sum of its bytes read as signed; `above` is the row before the block."""
+    x = block.astype(np.int16)
+    b = np.concatenate([above[None].astype(np.int16), x[:-1]])  # the byte above
+    a = np.zeros_like(x)
+    a[:, bpp:] = x[:, :-bpp]  # the byte one pixel to the left
+    c = np.zeros_like(x)
+    c[:, bpp:] = b[:, :-bpp]  # above and to the left
+    pa, pb, pc = np.abs(b - c), np.abs(a - c), np.abs(a + b - 2 * c)
+    paeth = np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c))
+    candidates = np.stack([x, x - a, x - b, x - ((a + b) >> 1), x - paeth]) & 0xFF
+    cost = np.minimum(candidates, 256 - candidates).sum(axis=2, dtype=np.int64)  # |byte as int8|
+    best = np.argmin(cost, axis=0)  # ties: the lower filter type, as libpng
+    rows = np.arange(x.shape[0])
+    out = np.empty((x.shape[0], x.shape[1] + 1), np.uint8)
+    out[:, 0] = best
+    out[:, 1:] = candidates[best, rows]
+    return out.tobytes()
 
 
 def write_npy(path, array: np.ndarray) -> Path:

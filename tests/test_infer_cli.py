@@ -491,7 +491,9 @@ def test_huge_image_refused_from_its_header(dirs, use_fuser, monkeypatch, capsys
     real_read = cli.read_image
     monkeypatch.setattr(cli, "read_image", lambda p, *a: decoded.append(p.name) or real_read(p, *a))
     use_fuser(_fuser_max)
-    monkeypatch.setattr(cli, "available_memory", lambda: 4 * 2**30)
+    # 2 GB: the 8-bit arrays alone (16 bytes per pixel, 2.1 GB) do not fit (with 4 GB the pair
+    # is fused in 256-pixel tiles, see test_plan_tile_arithmetic)
+    monkeypatch.setattr(cli, "available_memory", lambda: 2 * 2**30)
     assert cli.main(_args(ir, vi, out, ckpt)) == 1
     assert decoded == ["ok.png", "ok.png"] and sorted(p.name for p in out.iterdir()) == ["ok.png"]
     summary = capsys.readouterr().out
@@ -506,8 +508,11 @@ def test_plan_tile_arithmetic():
     assert plan_tile(480, 640, None) == 0            # unknown memory: whole
     assert plan_tile(480, 640, 64 * gb) == 0
     assert plan_tile(12000, 12000, 64 * gb) == 512   # ~700 GB whole: tiles
+    # 16 bytes per pixel of host arrays (2.1 GB) + a 256-pixel tile's forward (0.8 GB) fit in
+    # 80% of 4 GB; a 512-pixel tile's (1.8 GB) does not
+    assert plan_tile(12000, 12000, 4 * gb) == 256
     with pytest.raises(MemoryError, match="12000x12000"):
-        plan_tile(12000, 12000, 4 * gb)              # the host arrays alone do not fit
+        plan_tile(12000, 12000, 2 * gb)              # the host arrays alone do not fit
 
 
 def test_16_bit_warning_once_per_file_and_scale16_range(dirs, use_fuser, capsys):

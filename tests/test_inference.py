@@ -219,3 +219,35 @@ def test_device_check_quick(tmp_path, shared_dir):
     for impl in ("cpu", "xla"):
         train = rows["train", f"phase II b2 32x32 {impl}"]
         assert train["value"] > 0 and train["peak_rss_mb"] > 0
+
+
+def test_fused_rows_finish_top_down_with_a_one_row_accumulator():
+    """The streamed rows cover the image once, in order, each block no taller than a tile,
+    and assemble to fuse_tiled's result (through `read`, as infer.main's 8-bit pairs)."""
+    from smfnet_jax.inference import fuse_tiled_by, fused_rows
+    rng = np.random.default_rng(8)
+    ir, vi = (rng.random((70, 45), dtype=np.float32) for _ in range(2))
+    reads = []
+
+    def read(rows, cols):
+        reads.append((rows, cols))
+        return ir[rows, cols], vi[rows, cols]
+
+    blocks = list(fused_rows(PixelFuser(), read, ir.shape, tile=16, overlap=5))
+    assert [y for y, _ in blocks] == tile_starts(70, 16, 5)
+    assert sum(len(r) for _, r in blocks) == 70 and max(len(r) for _, r in blocks) <= 16
+    assert all(y + len(r) == y2 for (y, r), (y2, _) in zip(blocks, blocks[1:]))
+    assert {(r.stop - r.start, c.stop - c.start) for r, c in reads} == {(16, 16)}
+    streamed = fuse_tiled_by(StepLike(), read, ir.shape, tile=16, overlap=5)
+    np.testing.assert_array_equal(streamed, fuse_tiled(StepLike(), ir, vi, tile=16, overlap=5))
+
+
+class StepLike:
+    """A fuser whose tiles disagree (so the blend matters): tile k adds k/100."""
+
+    def __init__(self):
+        self.k = 0
+
+    def __call__(self, ir, vi):
+        self.k += 1
+        return (ir * vi + self.k / 100).astype(np.float32)

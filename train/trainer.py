@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from smfnet_jax.checkpoint import TRAIN_CHECKPOINT_SUBDIR as CHECKPOINT_SUBDIR
-from smfnet_jax.checkpoint import model_state, set_model_state
+from smfnet_jax.checkpoint import error_head, model_state, quiet_orbax_failures, set_model_state
 from smfnet_jax.model import create_model
 from train import step as train_step_lib
 
@@ -30,6 +30,10 @@ class TrainingError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- set-up helpers
+# After a failed save, how long to wait for the step's other writes before removing its files.
+SAVE_THREADS_TIMEOUT_S = 60.0
+
+
 def init_distributed(cfg) -> None:
     """Join a multi-process run: coordinator_address "HOST:PORT" with num_processes and
     process_id, or "auto" to let JAX find them (TPU VMs, SLURM, Open MPI); "" runs alone."""
@@ -99,6 +103,8 @@ class Trainer:
         self.is_main = jax.process_index() == 0
         self.lock = None
         self.ckpt = None
+        self._saving = None  # the step being saved in the background, until it is confirmed
+        self._save_threads = []  # the threads orbax started for that save
         n_dev = jax.device_count()
         if cfg.batch_size % n_dev:
             raise TrainingError(f"batch_size {cfg.batch_size} is not divisible by the {n_dev} devices")
@@ -170,7 +176,7 @@ class Trainer:
         """Wait for pending checkpoint writes, then release the workdir (idempotent)."""
         try:
             if self.ckpt is not None:
-                self.ckpt.wait_until_finished()
+                self.wait_for_saves()
         finally:
             if self.lock is not None:
                 self.lock.release()
@@ -196,6 +202,7 @@ class Trainer:
 
     def _checkpoint_manager(self):
         import orbax.checkpoint as ocp
+        quiet_orbax_failures()  # a failed save is one line (`_save_failed`), not hundreds
         options = ocp.CheckpointManagerOptions(max_to_keep=self.cfg.keep_checkpoints, create=True)
         return ocp.CheckpointManager(self.workdir / CHECKPOINT_SUBDIR, options=options)
 
@@ -247,7 +254,58 @@ class Trainer:
         return 1 if step // self.steps_per_epoch < self.cfg.phase1_epochs else 2
 
     def save(self, step: int) -> None:
-        self.ckpt.save(step, args=self._ckpt_args(save=True), force=True)
+        """Start saving `step` in the background (after the previous save has finished);
+        a failed save, this one or the previous, raises TrainingError (`_save_failed`)."""
+        import threading
+        self.wait_for_saves()
+        before = set(threading.enumerate())
+        try:
+            self._saving = step
+            self.ckpt.save(step, args=self._ckpt_args(save=True), force=True)
+        except Exception as e:  # noqa: BLE001 - orbax/TensorStore raise ValueError, OSError, ...
+            raise self._save_failed(step, e) from None
+        finally:  # the threads writing this step (not idle pool workers, which never end)
+            self._save_threads = [t for t in threading.enumerate() if t not in before and getattr(
+                getattr(t, "_target", None), "__module__", "") != "concurrent.futures.thread"]
+
+    def wait_for_saves(self) -> None:
+        """Wait for the background save; TrainingError if it failed (then once only)."""
+        if self._saving is None:
+            return
+        try:
+            self.ckpt.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise self._save_failed(self._saving, e) from None
+        self._saving = None
+
+    def _save_failed(self, step: int, error: Exception) -> TrainingError:
+        """The one-line error of a failed save, after removing the step's partial files
+        (orbax writes into `<step>.orbax-checkpoint-tmp` and renames only when complete, so
+        every such folder is unfinished; each would hold its space). Orbax reports the first
+        failed write while the step's other writes still run: wait for them first."""
+        import shutil
+        import time
+        self._saving = None
+        deadline = time.monotonic() + SAVE_THREADS_TIMEOUT_S
+        for thread in self._save_threads:
+            try:
+                thread.join(max(0.0, deadline - time.monotonic()))
+            except Exception:  # noqa: BLE001 - orbax's threads re-raise the failure on join
+                pass
+        directory = self.workdir / CHECKPOINT_SUBDIR
+        if self.is_main:
+            for partial in directory.glob("*.orbax-checkpoint-tmp*"):
+                shutil.rmtree(partial, ignore_errors=True)
+        good = self._latest_step_on_disk()
+        last = (f"the last good checkpoint is step {good}" if good is not None
+                else "no checkpoint was completed")
+        text = str(error)
+        if "No space left on device" in text or getattr(error, "errno", None) == 28:
+            return TrainingError(f"no space left on device saving checkpoint step {step} in "
+                                 f"{directory} (its partial files removed); {last}")
+        return TrainingError(f"saving checkpoint step {step} in {directory} failed "
+                             f"({type(error).__name__}: {error_head(error)}); its partial files "
+                             f"removed; {last}")
 
     def run(self, progress: bool | None = None) -> dict:
         cfg = self.cfg
@@ -290,8 +348,8 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
-            self.ckpt.wait_until_finished()
             logger.close()
+        self.wait_for_saves()  # the last save's failure is this run's error
         return last
 
     def write_sample(self, epoch: int, vi: jax.Array, ir: jax.Array) -> None:
