@@ -1,5 +1,5 @@
-"""What the fusion and evaluation CLIs share: checks of output paths before any work, the
-16-bit option, and how warnings are shown (one plain line each)."""
+"""What the fusion and evaluation CLIs share: exit statuses, checks of output paths before
+any work, the 16-bit option, and how warnings are shown (one plain line each)."""
 from __future__ import annotations
 
 import argparse
@@ -14,6 +14,12 @@ from smfnet_jax.imageio import SCALE16_MODES, HighByteWarning
 
 
 GRID_SUFFIX = "_grid"  # infer.main --grid writes NAME_grid.png beside NAME.png
+
+# Exit statuses of infer.main and infer.evaluate.
+EXIT_OK = 0
+EXIT_SOME_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
 
 
 def writable_folder_problem(folder: Path, flag: str, create: bool) -> str | None:

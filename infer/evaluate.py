@@ -27,15 +27,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from infer.common import GRID_SUFFIX, add_scale16_argument, json_out_problem, plain_warnings
+from infer.common import (EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, GRID_SUFFIX, add_scale16_argument,
+                          json_out_problem, plain_warnings)
 from smfnet_jax.cli import Progress, program_name
 from smfnet_jax.fileio import atomic_write_json
 from smfnet_jax.imageio import IMAGE_EXTENSIONS, match_by_stem, natural_key, read_gray
 from smfnet_jax.metrics import METRIC_NAMES, evaluate_pair
-
-EXIT_OK = 0
-EXIT_SOME_FAILED = 1
-EXIT_USAGE = 2
 
 MEAN_KEY = "mean"
 Results = Dict[str, Dict[str, float]]
@@ -45,17 +42,10 @@ def _sorted_messages(problems: List[Tuple[str, str]]) -> List[str]:
     return [f"{stem}: {reason}" for stem, reason in sorted(problems, key=lambda p: natural_key(p[0]))]
 
 
-def match_triplets(ir_dir, vi_dir, fused_dir) -> Tuple[List[Tuple[str, Path, Path, Path]], List[str]]:
-    """(stem, ir, vi, fused) for every stem present once in all three folders, and errors.
-
-    Every stem found in some folder but not usable (missing from another, ambiguous, or
-    the reserved name "mean") gets one "stem: reason" message naming the file(s).
-    """
-    triplets, problems = _match_triplets(ir_dir, vi_dir, fused_dir)
-    return triplets, _sorted_messages(problems)
-
-
 def _match_triplets(ir_dir, vi_dir, fused_dir):
+    """(stem, ir, vi, fused) for every stem present once in all three folders, and
+    (stem, reason) for every stem found in some folder but not usable (missing from another,
+    ambiguous, or the reserved name "mean"), the reason naming the file(s)."""
     matches, problems = match_by_stem({"ir": Path(ir_dir), "vi": Path(vi_dir), "fused": Path(fused_dir)})
     # infer.main --grid writes NAME_grid.png beside NAME.png: ours, not a fused image to score
     stems = {stem for stem, _ in matches}

@@ -31,8 +31,6 @@ summary are always printed.
 from __future__ import annotations
 
 import argparse
-import os
-import secrets
 import sys
 import time
 from dataclasses import dataclass
@@ -41,10 +39,12 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from infer.common import (GRID_SUFFIX, add_scale16_argument, json_out_problem, plain_warnings,
+from infer.common import (EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, GRID_SUFFIX,
+                          add_scale16_argument, json_out_problem, plain_warnings,
                           writable_folder_problem)
 from smfnet_jax.policy import IMPL_HELP, PRECISION_HELP, PRECISIONS
 from smfnet_jax.cli import Progress, exit_on_environment_error, program_name
+from smfnet_jax.fileio import write_together
 from smfnet_jax.imageio import (
     IMAGE_EXTENSIONS,
     ImageReadError,
@@ -61,11 +61,6 @@ from smfnet_jax.imageio import (
     write_png,
     ycrcb_to_rgb,
 )
-
-EXIT_OK = 0
-EXIT_SOME_FAILED = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
 
 # Without a terminal (no progress bar): a plain progress line at most this often.
 PLAIN_PROGRESS_S = 30.0
@@ -101,14 +96,13 @@ def available_memory() -> int | None:
 def describe_run(ckpt: Path, dtype: str, step: int | None = None, policy=None) -> str:
     """The first line of a run: device, dtype, the fuser's compute policy (when it has one)
     and checkpoint (path, kind, the step loaded)."""
-    import jax
-
     from smfnet_jax.checkpoint import checkpoint_kind
+    from smfnet_jax.runtime import describe_device
 
-    dev = jax.devices()[0]
+    dev = describe_device()
     kind = checkpoint_kind(ckpt) + ("" if step is None else f", step {step}")
     how = "" if policy is None else f"{policy.describe()}; "
-    return (f"device {dev.platform} ({dev.device_kind}), {len(jax.devices())} visible; dtype {dtype}; "
+    return (f"device {dev['platform']} ({dev['device']}), {dev['device_count']} visible; dtype {dtype}; "
             f"{how}checkpoint {ckpt} ({kind})")
 
 
@@ -314,9 +308,9 @@ def write_outputs(loaded: LoadedPair, fused: np.ndarray, out_dir: Path, normaliz
                   save_npy: bool, grid: bool = False) -> list[Path]:
     """Write one pair's outputs, all or nothing; raises PairError with none of them written.
 
-    Each file is first written (atomically) under a temporary name; only when all are
-    complete are they renamed to their final names. So a failure removes only this run's
-    temporary files and never an output an earlier run left in `out_dir`."""
+    The files are written together (`smfnet_jax.fileio.write_together`: temporary names,
+    renamed only when all are complete), so a failure removes only this run's temporary
+    files and never an output an earlier run left in `out_dir`."""
     image = render(loaded, fused, normalize)
     name = loaded.pair.name
     targets = [(out_dir / f"{name}.png", lambda p: write_png(p, image))]
@@ -324,20 +318,10 @@ def write_outputs(loaded: LoadedPair, fused: np.ndarray, out_dir: Path, normaliz
         targets.append((out_dir / f"{name}.npy", lambda p: write_npy(p, fused)))
     if grid:
         targets.append((out_dir / f"{name}{GRID_SUFFIX}.png", lambda p: write_png(p, grid_image(loaded, image))))
-    token = secrets.token_hex(4)
-    staged: list[tuple[Path, Path]] = []
     try:
-        for path, write in targets:
-            temp = path.with_name(f".{path.name}.{token}.pending")
-            staged.append((temp, path))
-            write(temp)
-        for temp, path in staged:
-            os.replace(temp, path)  # same folder: renames do not fail for want of space
+        return write_together(targets)
     except OSError as e:
-        for temp, _ in staged:
-            temp.unlink(missing_ok=True)
         raise PairError(f"cannot write output: {e}") from e
-    return [path for _, path in staged]
 
 
 def same_size_batches(pairs: Iterable[Pair], size: int, failed: Callable[[Pair, PairError], None],

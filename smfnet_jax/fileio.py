@@ -1,9 +1,14 @@
-"""Atomic file writing, the one implementation every output of the project goes through.
+"""Atomic file writing, the one implementation every file the project writes whole goes
+through (images, .npy, JSON, H5, .pth, .safetensors, a workdir's config and log rewrites).
+Not through it: orbax checkpoint folders (orbax's own, staged and renamed into place by
+`smfnet_jax.checkpoint.save_converted`) and what a training run appends to (metrics.jsonl,
+TensorBoard events).
 
 A file is written under a temporary name in its target folder and renamed over the target
 only once complete (fsync'd), so a crash or an error leaves the old file or no file, never
 a partial one. The temporary file is created with mode 0o666 and O_EXCL (the umask decides
-the final mode; tempfile.mkstemp's 0600 would stick to the output).
+the final mode; tempfile.mkstemp's 0600 would stick to the output). `write_together` does
+the same for several files at once: none is renamed before all are written.
 
 What the target already is decides where the bytes go, the same for every writer: a
 symbolic link is followed (its target is replaced, the link stays); a character device or a
@@ -17,7 +22,7 @@ import os
 import secrets
 import stat
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Callable, Iterator, Sequence
 
 
 def _resolve_target(path: Path) -> tuple[Path, bool]:
@@ -94,3 +99,24 @@ def atomic_write_json(path: str | os.PathLike, doc, **dump_kwargs) -> Path:
     import json
     text = json.dumps(doc, **{"indent": 2, **dump_kwargs}) + "\n"
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def write_together(targets: Sequence[tuple[Path, Callable[[Path], object]]]) -> list[Path]:
+    """Write several files all or nothing: each `write(temp)` writes its file (atomically)
+    under a temporary name beside its target, and only when all are complete are they
+    renamed to their targets. An error removes this call's temporary files and re-raises,
+    leaving every target as it was. Returns the targets."""
+    token = secrets.token_hex(4)
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for path, write in targets:
+            temp = path.with_name(f".{path.name}.{token}.pending")
+            staged.append((temp, path))
+            write(temp)
+        for temp, path in staged:
+            os.replace(temp, path)  # same folder: renames do not fail for want of space
+    except BaseException:
+        for temp, _ in staged:
+            temp.unlink(missing_ok=True)
+        raise
+    return [path for _, path in staged]

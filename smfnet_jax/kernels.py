@@ -41,12 +41,16 @@ def matmul(a: Array, b: Array, *, precision, preferred_element_type=None) -> Arr
 
 
 # --------------------------------------------------------------------------- padding
+_PAD_MODES = {"zeros": "constant", "reflect": "reflect", "edge": "edge"}  # ours -> jnp.pad's
+
+
 def pad_hw(x: Array, padding: int, mode: str = "zeros") -> Array:
-    """Pad the two spatial axes of NHWC `x` by `padding` ("zeros" or "reflect")."""
+    """Pad the two spatial axes of NHWC `x` by `padding`: "zeros", "reflect" (the border
+    pixel not repeated, torch's "reflect") or "edge" (it repeated, torch's "replicate")."""
     if not padding:
         return x
     return jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)),
-                   mode="reflect" if mode == "reflect" else "constant")
+                   mode=_PAD_MODES[mode])
 
 
 def xla_conv(x: Array, kernel: Array, *, precision, dilation: int = 1, padding: int = 0,

@@ -158,10 +158,6 @@ def _depthwise_correlate(x_padded: jax.Array, taps: np.ndarray, precision: str) 
     return out.reshape(n, h, w, c, k)
 
 
-def _pad_hw(x: jax.Array, pad: int, mode: str) -> jax.Array:
-    return jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode=mode)
-
-
 # --------------------------------------------------------------------------- SSIM
 def _windows(x_padded: jax.Array) -> jax.Array:
     """(N, H + 10, W + 10, C) -> (N, H, W, C, 121): every output pixel's 11x11 window, row-major."""
@@ -215,7 +211,7 @@ def ssim_loss(img1: ArrayLike, img2: ArrayLike, *, precision: str = "highest") -
         raise ValueError(f"smfnet_jax.losses.ssim_loss: H and W must exceed {pad} for reflect "
                          f"padding, got shape {tuple(x.shape)}")
     mu1, mu2, sigma1_sq, sigma2_sq, sigma12 = _local_moments(
-        _pad_hw(x, pad, "reflect"), _pad_hw(y, pad, "reflect"), precision)
+        kernels.pad_hw(x, pad, "reflect"), kernels.pad_hw(y, pad, "reflect"), precision)
     mu1_mu2 = mu1 * mu2
     ssim_map = ((2.0 * mu1_mu2 + _SSIM_C1) * (2.0 * sigma12 + _SSIM_C2)) / (
         (mu1 * mu1 + mu2 * mu2 + _SSIM_C1) * (sigma1_sq + sigma2_sq + _SSIM_C2))
@@ -231,7 +227,7 @@ def sobel_gradient(x: ArrayLike, *, precision: str = "highest") -> jax.Array:
     """
     x = _as_float(x)
     _check_nhwc("sobel_gradient", x)
-    g = _depthwise_correlate(_pad_hw(x, 1, "constant"), np.stack([_SOBEL_X, _SOBEL_Y_LOSSPY]),
+    g = _depthwise_correlate(kernels.pad_hw(x, 1, "zeros"), np.stack([_SOBEL_X, _SOBEL_Y_LOSSPY]),
                              precision)
     return torch_abs(g[..., 0]) + torch_abs(g[..., 1])
 
@@ -292,7 +288,7 @@ def spatial_gradient(x: ArrayLike, *, precision: str = "highest") -> jax.Array:
     """
     x = _as_float(x)
     _check_nhwc("spatial_gradient", x)
-    return _depthwise_correlate(_pad_hw(x, 1, "edge"), _KORNIA_SOBEL, precision)
+    return _depthwise_correlate(kernels.pad_hw(x, 1, "edge"), _KORNIA_SOBEL, precision)
 
 
 def spatial_gradient_l1_loss(a: ArrayLike, b: ArrayLike, *, precision: str = "highest") -> jax.Array:

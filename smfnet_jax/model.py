@@ -27,6 +27,7 @@ from smfnet_jax.layers import (BatchNorm2d, Conv2d, LayerNorm, channel_attention
                                dense_conv_blocks, gelu, leaky_relu, normal_init, relu6,
                                torch_abs)
 from smfnet_jax.policy import ComputePolicy, resolve, set_policy
+from smfnet_jax.torch_weights.keymap import SUBMODEL_KEYS
 
 Array = jax.Array
 
@@ -528,7 +529,7 @@ class DetailFuseLayer(nnx.Module):
 
 
 # --------------------------------------------------------------------------- the whole model
-SUBMODELS = ("encoder", "decoder", "graph", "base_fuse", "detail_fuse")
+SUBMODELS = tuple(SUBMODEL_KEYS.values())  # the reference checkpoint's split, in its order
 ENCODER_OUTPUTS = ("base", "detail", "shallow", "level1")
 
 

@@ -90,8 +90,13 @@ def device_peak_memory_mb() -> float | None:
     return None if peak is None else peak / 1e6
 
 
-def describe_platform() -> dict:
-    """What a measurement ran on: platform, device kind and count, routines in force."""
+def describe_device() -> dict:
+    """The devices JAX computes on: platform, the first one's kind, how many."""
     dev = jax.devices()[0]
     return {"platform": dev.platform, "device": str(dev.device_kind),
-            "device_count": jax.device_count(), "impl": policy.resolve().routines}
+            "device_count": jax.device_count()}
+
+
+def describe_platform() -> dict:
+    """What a measurement ran on: `describe_device()` and the routines in force."""
+    return {**describe_device(), "impl": policy.resolve().routines}

@@ -66,13 +66,14 @@ import os
 import sys
 import threading
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import grain
 import h5py
 import numpy as np
 
 from smfnet_jax.fileio import atomic_path
+from smfnet_jax.imageio import natural_key
 
 IR_GROUP = "ir_patchs"
 VI_GROUP = "vis_patchs"
@@ -107,13 +108,6 @@ class PairSource(Protocol):
     def __getitem__(self, index: int) -> dict[str, np.ndarray]: ...
 
 
-def _natural_keys(keys: Sequence[str]) -> list[str]:
-    # "0","1",...,"10": numeric order (h5py lists names alphabetically: "0","1","10","100",...).
-    if all(k.isdigit() for k in keys):
-        return sorted(keys, key=int)
-    return sorted(keys)
-
-
 class H5PairSource:
     """Random access to the patch pairs of a prepared H5 file (see the module docstring)."""
 
@@ -137,7 +131,11 @@ class H5PairSource:
                         f"(only in {IR_GROUP}: {only_ir}, only in {VI_GROUP}: {only_vi})")
                 if not ir_keys:
                     raise BadPatchError(f"{self.path}: the file holds no patches")
-                self._keys = _natural_keys(list(ir_keys))
+                # "0","1",...,"10": numeric order (h5py lists names alphabetically: "0","1",
+                # "10","100",...); other names keep plain sorted order, the record numbering
+                # such a file has always had.
+                self._keys = sorted(ir_keys, key=natural_key if all(k.isdigit() for k in ir_keys)
+                                    else None)
                 self.patch_shape, self.dtype = self._check_layout(f)
                 self._check_values(f)
         except OSError as e:

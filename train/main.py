@@ -123,6 +123,7 @@ def unknown_overrides(argv: list[str]) -> list[str]:
 
 
 def run(cfg, workdir: str, allow_config_change: bool = False) -> int:
+    from smfnet_jax.checkpoint import TRAIN_CHECKPOINT_SUBDIR
     from train.configs.validate import ConfigError, check_config, missing_data
     from train.data import MSRS_HELP, BadPatchError, MissingDatasetError
     from train.trainer import Trainer, TrainingError, init_distributed
@@ -151,7 +152,7 @@ def run(cfg, workdir: str, allow_config_change: bool = False) -> int:
         return 2
     if last:
         print(f"done: step {last['step']}, loss {last['loss']:.5f}; checkpoints in "
-              f"{Path(workdir) / 'checkpoints'}", file=sys.stderr)
+              f"{Path(workdir) / TRAIN_CHECKPOINT_SUBDIR}", file=sys.stderr)
     return 0
 
 

@@ -27,9 +27,9 @@ from smfnet_jax import losses
 from smfnet_jax.layers import cast_floats
 from smfnet_jax.model import SUBMODELS, SMFNet
 from smfnet_jax.policy import ComputePolicy, resolve, set_policy
+from train.configs.validate import microbatches_divide
 from train.microbatch import make_microbatched_value_and_grad
 
-PHASE1_SUBMODELS = ("encoder", "decoder", "graph")
 FUSION_SUBMODELS = ("base_fuse", "detail_fuse")  # trained, and scheduled, in phase II only
 
 # Parameters a phase's forward never reads, as (sub-model, path prefix; () for all of it):
@@ -55,10 +55,8 @@ def learning_rates(epoch: int, cfg) -> dict[str, float]:
     def step_lr(n_epochs: int) -> float:
         return max(cfg.lr_min, cfg.lr * cfg.lr_gamma ** (n_epochs // cfg.lr_step_epochs))
 
-    out = {sub: step_lr(epoch) for sub in PHASE1_SUBMODELS}
     fusion_epochs = max(0, epoch - cfg.phase1_epochs)
-    out.update({sub: step_lr(fusion_epochs) for sub in FUSION_SUBMODELS})
-    return out
+    return {sub: step_lr(fusion_epochs if sub in FUSION_SUBMODELS else epoch) for sub in SUBMODELS}
 
 
 def trained_mask(phase: int, sub: str, params) -> dict:
@@ -182,7 +180,7 @@ def resolve_microbatches(setting: int, global_batch: int, routines: str) -> int:
     ("xla", GPU/TPU), where small slices would idle the device.
     Raises ValueError unless the setting is 0 or divides the per-device batch."""
     per_device = global_batch // jax.device_count()
-    if setting < 0 or (setting and per_device % setting):
+    if not microbatches_divide(setting, per_device):
         raise ValueError(f"microbatches={setting} must be 0 (auto) or divide the per-device "
                          f"batch {per_device}")
     if setting:

@@ -22,6 +22,7 @@ from flax import nnx
 from smfnet_jax.checkpoint import TRAIN_CHECKPOINT_SUBDIR as CHECKPOINT_SUBDIR
 from smfnet_jax.checkpoint import error_head, model_state, quiet_orbax_failures, set_model_state
 from smfnet_jax.model import create_model
+from smfnet_jax.runtime import describe_device
 from train import step as train_step_lib
 
 
@@ -84,10 +85,6 @@ def open_data(cfg):
                                 f"patches of {source!r}; use a smaller crop or 0 (whole patches)")
         source = data_lib.CroppedPairs(source, crop, cfg.seed)
     return source
-
-
-def is_finite_number(x) -> bool:
-    return bool(np.all(np.isfinite(np.asarray(x))))
 
 
 # --------------------------------------------------------------------------- the trainer
@@ -242,10 +239,10 @@ class Trainer:
     # ------------------------------------------------------------------ running
     def describe(self) -> str:
         """The first line of a run: devices, the model's compute policy, batch and steps."""
-        dev = jax.devices()[0]
+        dev = describe_device()
         policy = train_step_lib.policy_of(self.graphdef, self.state)
         k = train_step_lib.resolve_microbatches(self.cfg.microbatches, self.cfg.batch_size, policy.routines)
-        return (f"device {dev.platform} ({dev.device_kind}), {jax.device_count()} in "
+        return (f"device {dev['platform']} ({dev['device']}), {dev['device_count']} in "
                 f"{jax.process_count()} process(es); {policy.describe()}; batch {self.cfg.batch_size} "
                 f"in {k} micro-batch(es) per device; steps {self.start_step}..{self.total_steps}; "
                 f"workdir {self.workdir}")

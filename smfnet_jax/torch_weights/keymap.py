@@ -10,18 +10,10 @@ accepts.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 
 PREFIX = "module."
-SUBMODEL_KEYS = {  # reference checkpoint key -> SMFNet attribute
-    "DIDF_Encoder": "encoder",
-    "DIDF_Decoder": "decoder",
-    "GraphModel": "graph",
-    "BaseFuseLayer": "base_fuse",
-    "DetailFuseLayer": "detail_fuse",
-}
 
 
 @dataclass(frozen=True)
@@ -198,13 +190,21 @@ def _detail_fuse():
     yield from _grdb("GRDB", "grdb")
 
 
-_BUILDERS = {"DIDF_Encoder": _encoder, "DIDF_Decoder": _decoder, "GraphModel": _graph,
-             "BaseFuseLayer": _base_fuse, "DetailFuseLayer": _detail_fuse}
+# The one list of sub-models (`smfnet_jax.model.SUBMODELS` derives from it), in the reference
+# checkpoint's order: its top-level key, the SMFNet attribute, the builder of its rows.
+_SUBMODELS = (
+    ("DIDF_Encoder", "encoder", _encoder),
+    ("DIDF_Decoder", "decoder", _decoder),
+    ("GraphModel", "graph", _graph),
+    ("BaseFuseLayer", "base_fuse", _base_fuse),
+    ("DetailFuseLayer", "detail_fuse", _detail_fuse),
+)
+SUBMODEL_KEYS = {ref: ours for ref, ours, _ in _SUBMODELS}  # reference key -> SMFNet attribute
 
 
 def _rows() -> list[Row]:
     rows = []
-    for sub, build in _BUILDERS.items():
+    for sub, _, build in _SUBMODELS:
         for entry in build():
             tk, path, kind = entry[:3]
             shape = entry[3] if len(entry) > 3 else None
@@ -214,10 +214,6 @@ def _rows() -> list[Row]:
 
 
 KEY_MAP: tuple[Row, ...] = tuple(_rows())
-
-
-def rows_for(submodel: str) -> Iterator[Row]:
-    return (r for r in KEY_MAP if r.submodel == submodel)
 
 
 # --------------------------------------------------------------------------- layout transforms

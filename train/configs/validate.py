@@ -60,6 +60,12 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def microbatches_divide(microbatches: int, batch: int) -> bool:
+    """Whether cfg.microbatches splits `batch` samples into equal micro-batches (0: auto,
+    always). The config checks the global batch; train.step the per-device one it splits."""
+    return microbatches == 0 or (microbatches > 0 and batch % microbatches == 0)
+
+
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -136,7 +142,7 @@ def config_problems(cfg) -> list[str]:
         problems.append(f"phase1_epochs={g('phase1_epochs')}: must be <= num_epochs={g('num_epochs')}")
     if good("lr", "lr_min") and g("lr_min") > g("lr"):
         problems.append(f"lr_min={g('lr_min')!r}: the floor must be <= lr={g('lr')!r}")
-    if good("microbatches", "batch_size") and g("microbatches") and g("batch_size") % g("microbatches"):
+    if good("microbatches", "batch_size") and not microbatches_divide(g("microbatches"), g("batch_size")):
         problems.append(f"microbatches={g('microbatches')}: must be 0 (auto) or divide "
                         f"batch_size={g('batch_size')}")
     if good("data.h5", "data.synthetic_pairs"):
