@@ -404,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data range given to SSIM by --evaluate (default: 255, as the reference)")
     p.add_argument("--tile", type=int, default=0, metavar="SIZE",
                    help="fuse in overlapping SIZE x SIZE tiles (bounded memory; changes the result "
-                        "slightly, see the README); 0 (the default) is off: whole images, and tiles "
+                        "slightly, see docs/fusing.md); 0 (the default) is off: whole images, and tiles "
                         "(with a notice) only for a pair estimated not to fit in the memory available")
     p.add_argument("--overlap", type=int, default=32, metavar="PX",
                    help="minimum overlap of neighbouring tiles with --tile (default: 32)")

@@ -7,7 +7,7 @@
 
 `fuse_tiled` fuses overlapping tiles and blends them. SMFNet has global channel attention
 (every attention layer normalises over the whole image), so a tiled result is close to,
-but not equal to, the whole-image one; see the README for the measured deviation.
+but not equal to, the whole-image one; see docs/fusing.md ("Any size: tiles") for the measured deviation.
 
 Memory estimate: `forward_bytes(h, w)` (whole-image fusion), `available_bytes()` (free
 device memory or available RAM) and `plan_tile(h, w, available)` (0: fuse whole, else a
@@ -137,7 +137,7 @@ def fused_rows(fuser, read, shape, tile=512, overlap=32, progress=False):
 # Working set of the untiled forward (`Fuser`, float32), per pixel of the image, and the
 # fixed part (parameters, program, runtime): from XLA's memory_analysis() of the compiled
 # fusion at 64x64, 128x128 and 128x256, checked against infer.bench's peak RSS at 480x640
-# (figures in the README's "Speed and large images").
+# (figures in docs/fusing.md, "Memory check before each pair").
 FORWARD_BYTES_PER_PIXEL = 5300
 FORWARD_FIXED_BYTES = 512 * 2**20
 # Host-side arrays per pixel while infer.main reads, fuses (in tiles) and writes a pair: the

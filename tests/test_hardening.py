@@ -175,7 +175,7 @@ def _corrupt(src: Path, dst: Path, kind: str) -> None:
         os.truncate(largest, largest.stat().st_size // 10)
     elif kind == "flipped":
         # the file's own structure (its first bytes); flips inside raw weight bytes load as other
-        # finite weights: orbax keeps no checksum (README), so only non-finite ones are caught
+        # finite weights: orbax keeps no checksum (docs/formats.md), so only non-finite ones are caught
         data = bytearray(largest.read_bytes())
         data[:64] = bytes(b ^ 0xFF for b in data[:64])
         largest.write_bytes(bytes(data))
@@ -253,7 +253,7 @@ def test_huge_pair_memory_grows_with_the_tile_not_the_image(tmp_path):
     model, so only what grows with the image is measured) in a child process, against a
     256x256 one for the fixed part: the peak RSS grows by less than HUGE_PAIR_BYTES_PER_PIXEL
     per pixel. Before the 8-bit LoadedPair, the row-block conversions and our PNG encoder it
-    grew by ~50 (see the README)."""
+    grew by ~80 (docs/benchmarks.md, "Host memory of fusion")."""
     import json
     figs = {}
     for size in (256, 3000):

@@ -23,7 +23,7 @@ from helpers import assert_close
 ROOT = Path(__file__).resolve().parent.parent
 # Tiles see less context than the whole image (channel attention is global), so tiled fusion
 # is close to, not equal to, whole-image fusion: 48.1 dB PSNR measured on the fixture pair in
-# 32/8 tiles (the README's 50-54 dB are for real weights at 480x640 in 128-256 px tiles).
+# 32/8 tiles (docs/fusing.md's 50-54 dB are for real weights at 480x640 in 128-256 px tiles).
 TILED_PSNR_FLOOR_DB = 45.0
 
 

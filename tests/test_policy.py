@@ -111,7 +111,7 @@ def test_fusion_lowered_for_accelerators_asks_for_the_policy_precision(routines,
 
 
 def test_matrix_unit_emulation_rounds_every_conv_and_dot():
-    """The helper behind the README's TF32/bfloat16 figures really rounds: a conv and a
+    """The helper behind the TF32/bfloat16 figures of docs/benchmarks.md really rounds: a conv and a
     channel attention traced inside it move by about the format's precision (2**-11 for
     TF32, 2**-8 for bfloat16), and a function traced outside it does not."""
     from helpers import emulate_matrix_units
