@@ -20,6 +20,9 @@ import numpy as np
 from flax import nnx
 
 from smfnet_jax.checkpoint import Loaded, load_checkpoint
+from smfnet_jax.export import ONNX_SUFFIX
+from smfnet_jax.export import SUFFIX as EXPORT_SUFFIX
+from smfnet_jax.export import ExportedFuser, OnnxFuser
 from smfnet_jax.layers import cast_floats
 from smfnet_jax.model import SMFNet
 from smfnet_jax.policy import ComputePolicy, set_policy
@@ -93,9 +96,11 @@ def _batched(run, compiled=None):
     return fn
 
 
-def load_fuser(ckpt: str | os.PathLike, *, cache: bool = True, **kwargs) -> Fuser:
+def load_fuser(ckpt: str | os.PathLike, *, cache: bool = True, **kwargs) -> Fuser | ExportedFuser | OnnxFuser:
     """A `Fuser` from a reference `.pth`, a `.safetensors`, a converted orbax directory, or a
-    training workdir (`load_checkpoint`: weights checked finite, cast to float32).
+    training workdir (`load_checkpoint`: weights checked finite, cast to float32); for a
+    `.jaxexport` or `.onnx` file (`smfnet_jax.export`), an `ExportedFuser` / `OnnxFuser` that
+    is called the same way.
 
     cache: enable the persistent compilation cache (`enable_compilation_cache`; location
     from $SMFNET_JAX_CACHE, default ~/.cache/smfnet_jax/xla, SMFNET_JAX_CACHE=off disables).
@@ -105,5 +110,11 @@ def load_fuser(ckpt: str | os.PathLike, *, cache: bool = True, **kwargs) -> Fuse
     configure_xla_cpu()
     if cache:
         enable_compilation_cache()
+    exported = {EXPORT_SUFFIX: ExportedFuser, ONNX_SUFFIX: OnnxFuser}.get(Path(ckpt).suffix)
+    if exported is not None:  # a file from `python -m infer.export`
+        if kwargs:
+            raise ValueError(f"{ckpt}: an exported model computes as it was exported "
+                             f"(its policy is fixed); {', '.join(kwargs)} cannot change it")
+        return exported(ckpt)
     loaded: Loaded = load_checkpoint(Path(ckpt))
     return Fuser(loaded.model, step=loaded.step, **kwargs)

@@ -24,6 +24,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+from smfnet_jax.export import ONNX_SUFFIX
+from smfnet_jax.export import SUFFIX as EXPORT_SUFFIX
 from smfnet_jax.model import SMFNet, abstract_model, create_model
 from smfnet_jax.torch_weights.mapping import (check_finite, export_reference_weights,
                                               extras_template, flatten_reference,
@@ -265,6 +267,8 @@ def is_safetensors(path: Path) -> bool:
 def checkpoint_kind(path: str | os.PathLike) -> str:
     """What `load_checkpoint` will take `path` for, in words (for logs)."""
     path = Path(path)
+    if path.is_file() and path.suffix in (EXPORT_SUFFIX, ONNX_SUFFIX):
+        return "exported model" if path.suffix == EXPORT_SUFFIX else "ONNX model"
     if path.is_file():
         return "safetensors file" if is_safetensors(path) else ".pth file"
     return "training workdir" if (path / TRAIN_CHECKPOINT_SUBDIR).is_dir() else "orbax folder"
