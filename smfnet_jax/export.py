@@ -59,13 +59,14 @@ def export_fusion(fuser, platforms=("cpu",)) -> jax.export.Exported:
     unknown = [p for p in platforms if p not in PLATFORMS]
     if not platforms or unknown:
         raise ValueError(f"platforms {list(platforms)}: expected some of {', '.join(PLATFORMS)}")
-    state = fuser._state
-
-    def fuse(ir, vi):
-        return fuser._fuse(state, ir, vi)
-
     spec = _symbolic_pair_spec("n, h, w")
-    return jax.export.export(jax.jit(fuse), platforms=platforms)(spec, spec)
+    return jax.export.export(jax.jit(_weights_baked_in(fuser)), platforms=platforms)(spec, spec)
+
+
+def _weights_baked_in(fuser):
+    """`fuser`'s fusion as fuse(ir, vi) on N x H x W, its weights closed over (constants)."""
+    state = fuser._state
+    return lambda ir, vi: fuser._fuse(state, ir, vi)
 
 
 def _symbolic_pair_spec(dims: str) -> jax.ShapeDtypeStruct:
@@ -103,11 +104,6 @@ def export_onnx(fuser, path: str | os.PathLike) -> Path:
     if fuser.policy.routines != "xla":  # the XLA:CPU routines' slicing does not convert
         raise ExportError("ONNX export takes the xla routines (XLA's convolutions); "
                           f"this fuser computes with routines {fuser.policy.routines}")
-    state = fuser._state
-
-    def fuse(ir, vi):
-        return fuser._fuse(state, ir, vi)
-
     spec = _symbolic_pair_spec("B, H, W")
     # onnx_ir warns, value by value (~200 lines), that it skips type info of shape helpers.
     serde = logging.getLogger("onnx_ir.serde")
@@ -115,8 +111,8 @@ def export_onnx(fuser, path: str | os.PathLike) -> Path:
     serde.setLevel(logging.ERROR)
     try:
         with _symbolic_dims_copied_as_themselves(spec):
-            model = to_onnx(fuse, inputs=[spec, spec], model_name="smfnet_fusion", opset=ONNX_OPSET,
-                            input_names=["ir", "vi"], output_names=["fused"], return_mode="proto")
+            model = to_onnx(_weights_baked_in(fuser), inputs=[spec, spec], model_name="smfnet_fusion",
+                            opset=ONNX_OPSET, input_names=["ir", "vi"], output_names=["fused"], return_mode="proto")
     finally:
         serde.setLevel(level)
     return atomic_write(path, lambda f: f.write(model.SerializeToString()))
