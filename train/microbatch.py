@@ -53,37 +53,37 @@ def _split_modalities(m: SMFNet, v: dict) -> dict:
 
 def _ppm_convs(m: SMFNet, v: dict) -> dict:
     r = m.graph.reasoning
-    return {"ppm_pre_ir": r.ppm_ir.conv_outputs(v["ir_level1"]),
-            "ppm_pre_vi": r.ppm_vi.conv_outputs(v["vi_level1"])}
+    return {"ppm_pre_vi": r.ppm_vi.dilated_convs(v["vi_level1"]),
+            "ppm_pre_ir": r.ppm_ir.dilated_convs(v["ir_level1"])}
 
 
-def _ppm_normalize(m: SMFNet, v: dict) -> dict:
+def _ppm_bn_relu(m: SMFNet, v: dict) -> dict:
     r = m.graph.reasoning
-    return {"ppm_ir": r.ppm_ir.normalize(v["ppm_pre_ir"]),
-            "ppm_vi": r.ppm_vi.normalize(v["ppm_pre_vi"])}
+    return {"ppm_vi": r.ppm_vi.bn_relu(v["ppm_pre_vi"]),
+            "ppm_ir": r.ppm_ir.bn_relu(v["ppm_pre_ir"])}
 
 
 def _graph_reasoning(m: SMFNet, v: dict) -> dict:
     gr, r = m.graph, m.graph.reasoning
-    nodes_ir, nodes_vi = r.exchange(v["ppm_ir"], v["ppm_vi"])
-    return {"concat_pre_ir": gr.concat_ir.conv(r.graph_ir(nodes_ir)),
-            "concat_pre_vi": gr.concat_vi.conv(r.graph_vi(nodes_vi))}
+    nodes_vi, nodes_ir = r.cross_gate(v["ppm_vi"], v["ppm_ir"])
+    return {"concat_pre_vi": gr.concat_vi.conv(r.graph_vi(nodes_vi)),
+            "concat_pre_ir": gr.concat_ir.conv(r.graph_ir(nodes_ir))}
 
 
-def _concat_normalize(m: SMFNet, v: dict) -> dict:
-    return {"graph_ir": m.graph.concat_ir.normalize(v["concat_pre_ir"]),
-            "graph_vi": m.graph.concat_vi.normalize(v["concat_pre_vi"])}
+def _concat_bn_relu(m: SMFNet, v: dict) -> dict:
+    return {"vi_graph": m.graph.concat_vi.bn_relu(v["concat_pre_vi"]),
+            "ir_graph": m.graph.concat_ir.bn_relu(v["concat_pre_ir"])}
 
 
-_HEAD_INPUTS = ("vi_base", "ir_base", "vi_detail", "ir_detail", "graph_ir", "graph_vi")
+_HEAD_INPUTS = ("vi_base", "ir_base", "vi_detail", "ir_detail", "vi_graph", "ir_graph")
 _SHARED_STAGES = (
     Stage("stack_modalities", ("vi", "ir"), False, _stack_modalities),
     Stage("encode", ("images",), True, _encode),
     Stage("split_modalities", ENCODER_OUTPUTS, False, _split_modalities),
-    Stage("gr_ppm_convs", ("ir_level1", "vi_level1"), True, _ppm_convs),
-    Stage("gr_ppm_batchnorm", ("ppm_pre_ir", "ppm_pre_vi"), False, _ppm_normalize),
-    Stage("gr_reasoning", ("ppm_ir", "ppm_vi"), True, _graph_reasoning),
-    Stage("gr_concat_batchnorm", ("concat_pre_ir", "concat_pre_vi"), False, _concat_normalize),
+    Stage("gr_ppm_convs", ("vi_level1", "ir_level1"), True, _ppm_convs),
+    Stage("gr_ppm_batchnorm", ("ppm_pre_vi", "ppm_pre_ir"), False, _ppm_bn_relu),
+    Stage("gr_reasoning", ("ppm_vi", "ppm_ir"), True, _graph_reasoning),
+    Stage("gr_concat_batchnorm", ("concat_pre_vi", "concat_pre_ir"), False, _concat_bn_relu),
 )
 PHASE1_STAGES = _SHARED_STAGES + (
     Stage("reconstruct", _HEAD_INPUTS, True, lambda m, v: m.reconstruct(v)),)
@@ -206,8 +206,8 @@ def make_microbatched_value_and_grad(train_model: Callable, batch_stats_of: Call
         cot = join(cot)
 
         features = {key: values[key] for key in ("vi_base", "ir_base", "vi_detail", "ir_detail")}
-        others = jax.lax.stop_gradient({**join(images), "graph_ir": values["graph_ir"],
-                                        "graph_vi": values["graph_vi"]})
+        others = jax.lax.stop_gradient({**join(images), "vi_graph": values["vi_graph"],
+                                        "ir_graph": values["ir_graph"]})
         (batch_total, batch_terms), g_features = jax.value_and_grad(batch_loss, has_aux=True)(
             features, others, vi)
         cot = {key: _tree_add(g, g_features[key]) if key in g_features else g
