@@ -52,27 +52,28 @@ def _split_modalities(m: SMFNet, v: dict) -> dict:
 
 
 def _ppm_convs(m: SMFNet, v: dict) -> dict:
+    # ir before vi here and below: the op order `GR` and the earlier table traced
     r = m.graph.reasoning
-    return {"ppm_pre_vi": r.ppm_vi.dilated_convs(v["vi_level1"]),
-            "ppm_pre_ir": r.ppm_ir.dilated_convs(v["ir_level1"])}
+    return {"ppm_pre_ir": r.ppm_ir.dilated_convs(v["ir_level1"]),
+            "ppm_pre_vi": r.ppm_vi.dilated_convs(v["vi_level1"])}
 
 
 def _ppm_bn_relu(m: SMFNet, v: dict) -> dict:
     r = m.graph.reasoning
-    return {"ppm_vi": r.ppm_vi.bn_relu(v["ppm_pre_vi"]),
-            "ppm_ir": r.ppm_ir.bn_relu(v["ppm_pre_ir"])}
+    return {"ppm_ir": r.ppm_ir.bn_relu(v["ppm_pre_ir"]),
+            "ppm_vi": r.ppm_vi.bn_relu(v["ppm_pre_vi"])}
 
 
 def _graph_reasoning(m: SMFNet, v: dict) -> dict:
     gr, r = m.graph, m.graph.reasoning
     nodes_vi, nodes_ir = r.cross_gate(v["ppm_vi"], v["ppm_ir"])
-    return {"concat_pre_vi": gr.concat_vi.conv(r.graph_vi(nodes_vi)),
-            "concat_pre_ir": gr.concat_ir.conv(r.graph_ir(nodes_ir))}
+    return {"concat_pre_ir": gr.concat_ir.conv(r.graph_ir(nodes_ir)),
+            "concat_pre_vi": gr.concat_vi.conv(r.graph_vi(nodes_vi))}
 
 
 def _concat_bn_relu(m: SMFNet, v: dict) -> dict:
-    return {"vi_graph": m.graph.concat_vi.bn_relu(v["concat_pre_vi"]),
-            "ir_graph": m.graph.concat_ir.bn_relu(v["concat_pre_ir"])}
+    return {"ir_graph": m.graph.concat_ir.bn_relu(v["concat_pre_ir"]),
+            "vi_graph": m.graph.concat_vi.bn_relu(v["concat_pre_vi"])}
 
 
 FEATURES = ("vi_base", "ir_base", "vi_detail", "ir_detail")  # what the correlation terms read
