@@ -509,8 +509,8 @@ def phase2_batch_terms(outputs: Mapping[str, ArrayLike], *, decomp_grad: bool = 
     cc_d = cc(vi_d, ir_d, differentiable=decomp_grad)
     terms = {"cc_base": cc_b, "cc_detail": cc_d,
              "decomp_phase2": (cc_d ** 2 + cc_d ** 2) / (DECOMP_OFFSET + cc_b)}
-    if "graph_ir" in outputs and "graph_vi" in outputs:
-        terms["cc_graph"] = cc(outputs["graph_ir"], outputs["graph_vi"],
+    if "vi_graph" in outputs and "ir_graph" in outputs:
+        terms["cc_graph"] = cc(outputs["ir_graph"], outputs["vi_graph"],
                                differentiable=decomp_grad)
     return terms
 
@@ -520,7 +520,7 @@ def phase2_loss(outputs: Mapping[str, ArrayLike], vi: ArrayLike, ir: ArrayLike, 
     """Phase-II objective of the reference train.py.
 
     outputs (all NHWC): ``fused`` (N, H, W, 1); ``vi_base``, ``ir_base``, ``vi_detail``,
-    ``ir_detail`` encoder features; optionally ``graph_ir`` and ``graph_vi`` (the graph
+    ``ir_detail`` encoder features; optionally ``vi_graph`` and ``ir_graph`` (the graph
     module's per-modality outputs), whose correlation the reference computes but never uses:
     if given it is reported as ``cc_graph`` and does not enter the total.
 

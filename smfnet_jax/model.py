@@ -336,10 +336,11 @@ class ConvBNReLU(nnx.Module):
         self.bn = BatchNorm2d(cout)
 
     def __call__(self, x: Array | list[Array]) -> Array:
-        return self.normalize(self.conv(x))
+        return self.bn_relu(self.conv(x))
 
-    def normalize(self, y: Array) -> Array:
-        """BatchNorm + ReLU of the conv output (the only batch-coupled step)."""
+    def bn_relu(self, y: Array) -> Array:
+        """BatchNorm + ReLU of the conv output: the batch-coupled half (batch statistics in
+        training), apart so that a micro-batched gradient can run the conv per sample."""
         return jax.nn.relu(self.bn(y))
 
 
@@ -350,15 +351,15 @@ class PPM(nnx.Module):
         self.convs = nnx.List([ConvBNReLU(dim, dim, dilation=d, rngs=rngs) for d in dilations])
 
     def __call__(self, x: Array) -> list[Array]:
-        return self.normalize(self.conv_outputs(x))
+        return self.bn_relu(self.dilated_convs(x))
 
-    def conv_outputs(self, x: Array) -> list[Array]:
-        """The dilated convolutions, before their BatchNorms (per sample)."""
+    def dilated_convs(self, x: Array) -> list[Array]:
+        """The three views before their BatchNorms (per sample)."""
         return [c.conv(x) for c in self.convs]
 
-    def normalize(self, pre: list[Array]) -> list[Array]:
-        """BatchNorm + ReLU of each view (batch statistics in training)."""
-        return [c.normalize(y) for c, y in zip(self.convs, pre)]
+    def bn_relu(self, views: list[Array]) -> list[Array]:
+        """BatchNorm + ReLU of each view (`ConvBNReLU.bn_relu`)."""
+        return [c.bn_relu(y) for c, y in zip(self.convs, views)]
 
 
 class ConvGRUCell(nnx.Module):
@@ -435,9 +436,10 @@ class GraphReasoning(nnx.Module):
     """[GraphReasoning] with node=False (the only path the reference takes): the graph's
     nodes and their message passing, per modality.
 
-    Calling it gives the nodes: PPM views of each modality's level-1 feature after two rounds
-    of cross-modal edge gating per node. `graph_ir` / `graph_vi` then run `n_iter` rounds of
-    message passing on them (see `GR`). The reference also builds a channel-attention `C_ca`
+    Calling it on the (vi, ir) level-1 features gives the nodes (nodes_vi, nodes_ir): PPM
+    views of each modality after two rounds of cross-modal edge gating per node
+    (`cross_gate`). `graph_vi` / `graph_ir` then run `n_iter` rounds of message passing on
+    them (see `GR`). The reference also builds a channel-attention `C_ca`
     used only when node=True; its weights are kept aside.
     """
 
@@ -449,26 +451,28 @@ class GraphReasoning(nnx.Module):
         self.gate_to_vi = Conv2d(dim, 1, 1, bias=False, rngs=rngs)  # C_pa[0]
         self.gate_to_ir = Conv2d(dim, 1, 1, bias=False, rngs=rngs)  # C_pa[1]
 
-    def __call__(self, ir: Array, vi: Array) -> tuple[list[Array], list[Array]]:
-        return self.exchange(self.ppm_ir(ir), self.ppm_vi(vi))
+    def __call__(self, vi: Array, ir: Array) -> tuple[list[Array], list[Array]]:
+        return self.cross_gate(self.ppm_vi(vi), self.ppm_ir(ir))
 
-    def exchange(self, nodes_ir: list[Array], nodes_vi: list[Array]):
-        """Two rounds of cross-modal edge gating per node (per sample)."""
-        nodes_ir, nodes_vi = list(nodes_ir), list(nodes_vi)
-        for i in range(len(nodes_ir)):
+    def cross_gate(self, nodes_vi: list[Array], nodes_ir: list[Array]):
+        """Two rounds of cross-modal edge gating per node (per sample): each modality's node
+        gains the other's, gated by sigmoid(C_pa(other - own)). -> (nodes_vi, nodes_ir)"""
+        nodes_vi, nodes_ir = list(nodes_vi), list(nodes_ir)
+        for i in range(len(nodes_vi)):
             for _ in range(2):
-                ir, vi = nodes_ir[i], nodes_vi[i]
+                vi, ir = nodes_vi[i], nodes_ir[i]
                 nodes_vi[i] = ir * jax.nn.sigmoid(self.gate_to_vi(ir - vi)) + vi
                 nodes_ir[i] = vi * jax.nn.sigmoid(self.gate_to_ir(vi - ir)) + ir
-        return nodes_ir, nodes_vi
+        return nodes_vi, nodes_ir
 
 
 class GR(nnx.Module):
     """Graph reasoning branch [CGR_backbone + CGR]: (vi, ir) level-1 features -> the graph
-    features (f_ir, f_vi); `fuse([f_ir, f_vi])` is the fused graph feature of phase II.
+    features (f_vi, f_ir); `merge(f_vi, f_ir)` is the fused graph feature of phase II.
 
     Only `C_cat[0]` (ir) and `C_cat[1]` (vi) of the reference's six concat convs, and the
-    outer `C_cls`, take part in the forward pass; the rest are kept aside by the converter.
+    outer `C_cls` (`fuse`: the checkpoints' name for it), take part in the forward pass; the
+    rest are kept aside by the converter.
     """
 
     def __init__(self, dim: int = 64, *, rngs: nnx.Rngs):
@@ -479,13 +483,17 @@ class GR(nnx.Module):
 
     def __call__(self, vi: Array, ir: Array) -> tuple[Array, Array]:
         r = self.reasoning
-        nodes_ir, nodes_vi = r(ir, vi)
+        nodes_vi, nodes_ir = r(vi, ir)
         f_ir = self.concat_ir(r.graph_ir(nodes_ir))
         # The ir graph is finished (down to its concat conv) before the vi graph starts, so
         # only one modality's graph temporaries are alive at a time.
         f_ir, nodes_vi = jax.lax.optimization_barrier((f_ir, nodes_vi))
         f_vi = self.concat_vi(r.graph_vi(nodes_vi))
-        return f_ir, f_vi
+        return f_vi, f_ir
+
+    def merge(self, f_vi: Array, f_ir: Array) -> Array:
+        """The fused graph feature: C_cls of the reference's concatenation [f_ir, f_vi]."""
+        return self.fuse([f_ir, f_vi])
 
 
 # --------------------------------------------------------------------------- fusion layers
@@ -566,9 +574,9 @@ class SMFNet(nnx.Module):
 
     def features(self, vi: Array, ir: Array) -> dict[str, Array]:
         """Encoder features of both modalities (one batch through the shared encoder) and
-        the graph's per-modality features `graph_ir`, `graph_vi`."""
+        the graph's per-modality features `vi_graph`, `ir_graph`."""
         f = split_modalities(self.encoder(jnp.concatenate([vi, ir], axis=0)))
-        f["graph_ir"], f["graph_vi"] = self.graph(f["vi_level1"], f["ir_level1"])
+        f["vi_graph"], f["ir_graph"] = self.graph(f["vi_level1"], f["ir_level1"])
         return f
 
     def phase1(self, vi: Array, ir: Array) -> dict[str, Array]:
@@ -584,8 +592,8 @@ class SMFNet(nnx.Module):
     def reconstruct(self, f: dict[str, Array]) -> dict[str, Array]:
         """Phase-I head: both modalities through the decoder as one batch."""
         n = f["vi_base"].shape[0]
-        x = jnp.concatenate([f["vi_detail"] + f["vi_base"] + f["graph_vi"],
-                             f["ir_detail"] + f["ir_base"] + f["graph_ir"]], axis=0)
+        x = jnp.concatenate([f["vi_detail"] + f["vi_base"] + f["vi_graph"],
+                             f["ir_detail"] + f["ir_base"] + f["ir_graph"]], axis=0)
         logits, feature = self.decoder(x)
         image = _sigmoid_f32(logits)
         return {"vi_hat": image[:n], "ir_hat": image[n:],
@@ -593,7 +601,7 @@ class SMFNet(nnx.Module):
 
     def fusion_head(self, f: dict[str, Array]) -> dict[str, Array]:
         """Phase-II head: fused graph feature, base and detail fusion layers, decoder."""
-        g = self.graph.fuse([f["graph_ir"], f["graph_vi"]])
+        g = self.graph.merge(f["vi_graph"], f["ir_graph"])
         fuse_base = self.base_fuse(f["ir_base"] + f["vi_base"])
         fuse_detail = self.detail_fuse(f["ir_detail"] + f["vi_detail"])
         logits, feature = self.decoder(fuse_detail + fuse_base + g)
@@ -608,7 +616,8 @@ class SMFNet(nnx.Module):
         base_vi + base_ir and detail_vi + detail_ir (bit for bit the reference's:
         0 + a + b == b + a) and both level-1 features. The fusion layers run before the
         graph branch (an optimization barrier orders them), and the graph finishes one
-        modality before the other (`GR`).
+        modality before the other (`GR`). `tests/test_inference.py` checks it equals
+        `phase2`'s fused output in eval mode.
         """
         def encode(sums, x):
             base, detail, _, level1 = self.encoder(x)
@@ -619,7 +628,7 @@ class SMFNet(nnx.Module):
         (base, detail), level1 = jax.lax.scan(encode, (zeros, zeros), jnp.stack([vi, ir]))
         fused = self.detail_fuse(detail) + self.base_fuse(base)
         fused, level1 = jax.lax.optimization_barrier((fused, level1))
-        g = self.graph.fuse(list(self.graph(level1[0], level1[1])))
+        g = self.graph.merge(*self.graph(level1[0], level1[1]))
         logits, _ = self.decoder(fused + g)
         return _sigmoid_f32(logits)
 

@@ -13,7 +13,7 @@ REFERENCE_PHASE2 = {
     "enc_vi_base": "vi_base", "enc_vi_detail": "vi_detail", "enc_vi_shallow": "vi_shallow",
     "enc_vi_level1": "vi_level1", "enc_ir_base": "ir_base", "enc_ir_detail": "ir_detail",
     "enc_ir_shallow": "ir_shallow", "enc_ir_level1": "ir_level1",
-    "graph_fused": "graph_fused", "graph_ir": "graph_ir", "graph_vi": "graph_vi",
+    "graph_fused": "graph_fused", "graph_ir": "ir_graph", "graph_vi": "vi_graph",
     "fuse_base": "fuse_base", "fuse_detail": "fuse_detail",
     "fused": "fused", "fused_logits": "fused_logits", "fused_feature": "fused_feature",
 }

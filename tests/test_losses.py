@@ -445,7 +445,7 @@ def test_phase2_composition(phase_fns):
     assert float(terms["decomp_phase2"]) == pytest.approx(2 / 2.01, rel=1e-5)
     assert float(total) == pytest.approx(float(ftot) + 4 / 2.01, rel=1e-6)
     # graph correlation is reported when given, never added
-    o2g = dict(o2, graph_ir=outs["vi_base"], graph_vi=-outs["vi_base"])
+    o2g = dict(o2, ir_graph=outs["vi_base"], vi_graph=-outs["vi_base"])
     total_g, terms_g = L.phase2_loss(o2g, vi, ir)
     assert float(terms_g["cc_graph"]) == pytest.approx(-1.0, abs=1e-6)
     assert float(total_g) == pytest.approx(float(total), rel=1e-7)

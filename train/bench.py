@@ -32,6 +32,7 @@ def measure_train_step(phase: int = 2, batch: int = 6, size: int = 128, steps: i
     from smfnet_jax.model import create_model
     from smfnet_jax.runtime import describe_platform, device_peak_memory_mb
     from train.configs import msrs
+    from train.phases import PHASES
     from train.step import (init_train_state, jit_train_step, learning_rates, resolve_microbatches,
                             train_policy)
     from train.trainer import _global_batch, _replicate, make_mesh
@@ -44,7 +45,7 @@ def measure_train_step(phase: int = 2, batch: int = 6, size: int = 128, steps: i
     state = _replicate(state, mesh)
     step_fn = jit_train_step(graphdef, phase, cfg, mesh)
     vi, ir = _global_batch(_synthetic_batch(batch, size), mesh)
-    lrs = {k: np.float32(v) for k, v in learning_rates(0 if phase == 1 else cfg.phase1_epochs, cfg).items()}
+    lrs = {k: np.float32(v) for k, v in learning_rates(PHASES[phase].first_epoch(cfg), cfg).items()}
 
     t0 = time.perf_counter()
     state, metrics = step_fn(state, vi, ir, lrs)

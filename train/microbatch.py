@@ -12,14 +12,14 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from smfnet_jax import losses
 from smfnet_jax.layers import cast_floats
 from smfnet_jax.model import ENCODER_OUTPUTS, SMFNet, split_modalities
+from train.phases import PHASES, Phase
 
 
 # --------------------------------------------------------------------------- the stage table
@@ -52,47 +52,46 @@ def _split_modalities(m: SMFNet, v: dict) -> dict:
 
 
 def _ppm_convs(m: SMFNet, v: dict) -> dict:
+    # ir before vi here and below: the op order `GR` and the earlier table traced
     r = m.graph.reasoning
-    return {"ppm_pre_ir": r.ppm_ir.conv_outputs(v["ir_level1"]),
-            "ppm_pre_vi": r.ppm_vi.conv_outputs(v["vi_level1"])}
+    return {"ppm_pre_ir": r.ppm_ir.dilated_convs(v["ir_level1"]),
+            "ppm_pre_vi": r.ppm_vi.dilated_convs(v["vi_level1"])}
 
 
-def _ppm_normalize(m: SMFNet, v: dict) -> dict:
+def _ppm_bn_relu(m: SMFNet, v: dict) -> dict:
     r = m.graph.reasoning
-    return {"ppm_ir": r.ppm_ir.normalize(v["ppm_pre_ir"]),
-            "ppm_vi": r.ppm_vi.normalize(v["ppm_pre_vi"])}
+    return {"ppm_ir": r.ppm_ir.bn_relu(v["ppm_pre_ir"]),
+            "ppm_vi": r.ppm_vi.bn_relu(v["ppm_pre_vi"])}
 
 
 def _graph_reasoning(m: SMFNet, v: dict) -> dict:
     gr, r = m.graph, m.graph.reasoning
-    nodes_ir, nodes_vi = r.exchange(v["ppm_ir"], v["ppm_vi"])
+    nodes_vi, nodes_ir = r.cross_gate(v["ppm_vi"], v["ppm_ir"])
     return {"concat_pre_ir": gr.concat_ir.conv(r.graph_ir(nodes_ir)),
             "concat_pre_vi": gr.concat_vi.conv(r.graph_vi(nodes_vi))}
 
 
-def _concat_normalize(m: SMFNet, v: dict) -> dict:
-    return {"graph_ir": m.graph.concat_ir.normalize(v["concat_pre_ir"]),
-            "graph_vi": m.graph.concat_vi.normalize(v["concat_pre_vi"])}
+def _concat_bn_relu(m: SMFNet, v: dict) -> dict:
+    return {"ir_graph": m.graph.concat_ir.bn_relu(v["concat_pre_ir"]),
+            "vi_graph": m.graph.concat_vi.bn_relu(v["concat_pre_vi"])}
 
 
-_HEAD_INPUTS = ("vi_base", "ir_base", "vi_detail", "ir_detail", "graph_ir", "graph_vi")
-_SHARED_STAGES = (
+FEATURES = ("vi_base", "ir_base", "vi_detail", "ir_detail")  # what the correlation terms read
+_HEAD_INPUTS = FEATURES + ("vi_graph", "ir_graph")
+BODY_STAGES = (  # `SMFNet.features`, split at the graph branch's BatchNorms
     Stage("stack_modalities", ("vi", "ir"), False, _stack_modalities),
     Stage("encode", ("images",), True, _encode),
     Stage("split_modalities", ENCODER_OUTPUTS, False, _split_modalities),
-    Stage("gr_ppm_convs", ("ir_level1", "vi_level1"), True, _ppm_convs),
-    Stage("gr_ppm_batchnorm", ("ppm_pre_ir", "ppm_pre_vi"), False, _ppm_normalize),
-    Stage("gr_reasoning", ("ppm_ir", "ppm_vi"), True, _graph_reasoning),
-    Stage("gr_concat_batchnorm", ("concat_pre_ir", "concat_pre_vi"), False, _concat_normalize),
+    Stage("gr_ppm_convs", ("vi_level1", "ir_level1"), True, _ppm_convs),
+    Stage("gr_ppm_batchnorm", ("ppm_pre_vi", "ppm_pre_ir"), False, _ppm_bn_relu),
+    Stage("gr_reasoning", ("ppm_vi", "ppm_ir"), True, _graph_reasoning),
+    Stage("gr_concat_batchnorm", ("concat_pre_vi", "concat_pre_ir"), False, _concat_bn_relu),
 )
-PHASE1_STAGES = _SHARED_STAGES + (
-    Stage("reconstruct", _HEAD_INPUTS, True, lambda m, v: m.reconstruct(v)),)
-PHASE2_STAGES = _SHARED_STAGES + (
-    Stage("fuse", _HEAD_INPUTS, True, lambda m, v: m.fusion_head(v)),)
 
 
 def stages_for(phase: int) -> tuple[Stage, ...]:
-    return PHASE1_STAGES if phase == 1 else PHASE2_STAGES
+    """The body, then the phase's head (`Phase.head`) as a per-sample stage."""
+    return BODY_STAGES + (Stage("head", _HEAD_INPUTS, True, PHASES[phase].head),)
 
 
 def run_stages(model: SMFNet, stages: tuple[Stage, ...], vi, ir) -> dict:
@@ -121,6 +120,149 @@ def _tree_add(a, b):
     return jax.tree.map(jnp.add, a, b)
 
 
+_join = functools.partial(jax.tree.map, join_microbatches)
+
+
+class _ForwardPass(NamedTuple):
+    """What the forward pass leaves for the backward pass."""
+    values: dict        # every stage boundary, whole batch
+    stats: dict         # BatchNorm statistics after the batch-coupled stages
+    batch_vjps: dict    # stage name -> vjp of each batch-coupled stage
+    produced: dict      # stage name -> the keys it produced
+
+
+class _HeadPass(NamedTuple):
+    grads: dict         # parameter gradients of the per-sample loss terms, summed
+    cotangents: dict    # of the head's inputs, whole batch
+    losses: jax.Array   # (k,) each micro-batch's share of the total
+    terms: dict         # per-sample terms, (k,) each
+    images: dict        # the head's image outputs (`Phase.images`), whole batch
+
+
+@dataclasses.dataclass(frozen=True)
+class _MicrobatchedGradient:
+    """The passes of `make_microbatched_value_and_grad`, in the order `__call__` runs them."""
+    train_model: Callable
+    batch_stats_of: Callable
+    phase: Phase
+    cfg: object
+    k: int
+    policy: object
+
+    def _split(self, tree, rows: int = 1):
+        return jax.tree.map(lambda x: split_microbatches(x, self.k * rows), tree)
+
+    def _run(self, stage: Stage, params, stats, inputs):
+        m = self.train_model(params, stats)
+        return stage.apply(m, inputs), self.batch_stats_of(m)
+
+    @staticmethod
+    def _rows_per_sample(inputs, batch: int) -> int:
+        # the encoder's rows are images (2 per sample): it runs on half a micro-batch at a time
+        return jax.tree.leaves(inputs)[0].shape[0] // batch
+
+    def forward(self, params, stats, values: dict, body) -> _ForwardPass:
+        """The body's stages in order: per-sample ones a micro-batch at a time (outputs
+        only), batch-coupled ones on the whole batch (keeping their vjp)."""
+        batch = values["vi"].shape[0]
+        batch_vjps, produced = {}, {}
+        for stage in body:
+            inputs = {key: values[key] for key in stage.inputs}
+            if stage.per_sample:
+                r = self._rows_per_sample(inputs, batch)
+                out = _join(jax.lax.map(lambda x, st=stage: self._run(st, params, stats, x)[0],
+                                        self._split(inputs, r)))
+            else:
+                out, batch_vjps[stage.name], stats = jax.vjp(
+                    lambda p, x, st=stage, s=stats: self._run(st, p, s, x), params, inputs,
+                    has_aux=True)
+            values = {**values, **out}
+            produced[stage.name] = tuple(out)
+        return _ForwardPass(values, stats, batch_vjps, produced)
+
+    def _head_loss(self, params, stats, head: Stage, inputs, vi, ir):
+        out = cast_floats(self._run(head, params, stats, inputs)[0], jnp.float32)
+        terms = self.phase.sample_terms(out, vi, ir, precision=self.policy.precision)
+        # the whole-batch terms are 0 here and added once in `batch_pass` (combine is linear)
+        total = self.phase.combine(collections.defaultdict(float, terms)) / self.k
+        return total, (terms, {key: out[key] for key in self.phase.images})
+
+    def head_pass(self, params, stats, head: Stage, values: dict, vi, ir) -> _HeadPass:
+        """The head and its per-sample loss terms, value and gradient, a micro-batch at a
+        time; the parameter gradients summed in micro-batch order."""
+        head_grad = jax.value_and_grad(self._head_loss, argnums=(0, 3), has_aux=True)
+
+        def step(acc, xs):
+            inputs, vi_m, ir_m = xs
+            (loss, (terms, images)), (g_params, g_inputs) = head_grad(
+                params, stats, head, inputs, vi_m, ir_m)
+            return _tree_add(acc, g_params), (loss, terms, images, g_inputs)
+
+        grads, (loss_s, terms_s, images, cot) = jax.lax.scan(
+            step, jax.tree.map(jnp.zeros_like, params),
+            (self._split({key: values[key] for key in head.inputs}), self._split(vi),
+             self._split(ir)))
+        return _HeadPass(grads, _join(cot), loss_s, terms_s, _join(images))
+
+    def _batch_loss(self, features, others, vi):
+        terms = self.phase.batch_terms({**features, **others}, vi, decomp_grad=self.cfg.decomp_grad,
+                                       precision=self.policy.precision)
+        return self.phase.combine(collections.defaultdict(float, terms)), terms
+
+    def batch_pass(self, values: dict, head: _HeadPass, vi):
+        """The whole-batch loss terms (correlations, seg term) once, from the collected
+        outputs: (their total, the terms, the head inputs' cotangents with theirs added)."""
+        features = {key: values[key] for key in FEATURES}
+        others = jax.lax.stop_gradient({**head.images, "vi_graph": values["vi_graph"],
+                                        "ir_graph": values["ir_graph"]})
+        (total, terms), g_features = jax.value_and_grad(self._batch_loss, has_aux=True)(
+            features, others, vi)
+        cot = {key: _tree_add(g, g_features[key]) if key in g_features else g
+               for key, g in head.cotangents.items()}
+        return total, terms, cot
+
+    def backward(self, params, fwd: _ForwardPass, body, cot: dict, grads):
+        """The body's stages in reverse: per-sample ones recompute their forward a
+        micro-batch at a time (their vjp), batch-coupled ones apply the kept vjp; parameter
+        gradients accumulate into `grads`."""
+        cot, batch = dict(cot), fwd.values["vi"].shape[0]
+        for stage in reversed(body):
+            g_out = {key: cot.pop(key) if key in cot
+                     else jax.tree.map(jnp.zeros_like, fwd.values[key])
+                     for key in fwd.produced[stage.name]}
+            inputs = {key: fwd.values[key] for key in stage.inputs}
+            if stage.per_sample:
+                def step(acc, xs, st=stage):
+                    x, g = xs
+                    _, vjp = jax.vjp(lambda p, x_: self._run(st, p, fwd.stats, x_)[0], params, x)
+                    g_params, g_x = vjp(g)
+                    return _tree_add(acc, g_params), g_x
+                r = self._rows_per_sample(inputs, batch)
+                grads, g_in = jax.lax.scan(step, grads,
+                                           (self._split(inputs, r), self._split(g_out, r)))
+                g_in = _join(g_in)
+            else:
+                g_params, g_in = fwd.batch_vjps[stage.name](g_out)
+                grads = _tree_add(grads, g_params)
+            for key, g in g_in.items():
+                if key not in ("vi", "ir"):
+                    cot[key] = _tree_add(cot[key], g) if key in cot else g
+        return grads
+
+    def __call__(self, params, stats, vi, ir):
+        *body, head = stages_for(self.phase.number)
+        compute = self.policy.compute_dtype  # the model's, as the losses' precision
+        images = {"vi": vi.astype(compute), "ir": ir.astype(compute)}
+        fwd = self.forward(params, stats, images, body)
+        head_out = self.head_pass(params, fwd.stats, head, fwd.values, vi, ir)
+        batch_total, batch_terms, cot = self.batch_pass(fwd.values, head_out, vi)
+        grads = self.backward(params, fwd, body, cot, head_out.grads)
+        total = jnp.sum(head_out.losses) + batch_total
+        terms = {**{t: jnp.mean(v) for t, v in head_out.terms.items()}, **batch_terms,
+                 f"total_phase{self.phase.number}": total}
+        return (total, (terms, fwd.stats)), grads
+
+
 def make_microbatched_value_and_grad(train_model: Callable, batch_stats_of: Callable, phase: int,
                                      cfg, k: int, policy) -> Callable:
     """The same ((loss, (terms, batch_stats)), grads) as the whole-batch
@@ -142,100 +284,4 @@ def make_microbatched_value_and_grad(train_model: Callable, batch_stats_of: Call
     boundaries of the whole batch; the price is one more forward of the per-sample stages
     except the head (about +20% compute in phase II).
     """
-    *body, head = stages_for(phase)
-    compute = policy.compute_dtype  # the model's (`smfnet_jax.policy`), as the losses' precision
-    image_keys = ("vi_hat", "ir_hat") if phase == 1 else ("fused",)
-    sample_terms = losses.phase1_sample_terms if phase == 1 else losses.phase2_sample_terms
-    combine = losses.combine_phase1_terms if phase == 1 else losses.combine_phase2_terms
-    join = functools.partial(jax.tree.map, join_microbatches)
-
-    def split(tree, rows: int = 1):
-        return jax.tree.map(lambda x: split_microbatches(x, k * rows), tree)
-
-    def rows_per_sample(inputs, batch: int) -> int:
-        # the encoder's rows are images (2 per sample): it runs on half a micro-batch at a time
-        return jax.tree.leaves(inputs)[0].shape[0] // batch
-
-    def run(stage, params, stats, inputs):
-        m = train_model(params, stats)
-        return stage.apply(m, inputs), batch_stats_of(m)
-
-    def head_loss(params, stats, inputs, vi, ir):
-        out = cast_floats(run(head, params, stats, inputs)[0], jnp.float32)
-        terms = sample_terms(out, vi, ir, precision=policy.precision)
-        # the whole-batch terms are 0 here and added once below (combine is linear in them)
-        total = combine(collections.defaultdict(float, terms)) / k
-        return total, (terms, {key: out[key] for key in image_keys})
-
-    def batch_loss(features, images, vi):
-        outputs = {**features, **images}
-        if phase == 1:
-            terms = losses.phase1_batch_terms(outputs, vi, decomp_grad=cfg.decomp_grad,
-                                              precision=policy.precision)
-        else:
-            terms = losses.phase2_batch_terms(outputs, decomp_grad=cfg.decomp_grad,
-                                              precision=policy.precision)
-        return combine(collections.defaultdict(float, terms)), terms
-
-    def value_and_grad(params, stats, vi, ir):
-        values = {"vi": vi.astype(compute), "ir": ir.astype(compute)}
-        batch_vjps, produced = {}, {}
-        for stage in body:                                   # forward
-            inputs = {key: values[key] for key in stage.inputs}
-            if stage.per_sample:
-                r = rows_per_sample(inputs, vi.shape[0])
-                out = join(jax.lax.map(lambda x, st=stage: run(st, params, stats, x)[0],
-                                       split(inputs, r)))
-            else:
-                out, batch_vjps[stage.name], stats = jax.vjp(
-                    lambda p, x, st=stage, s=stats: run(st, p, s, x), params, inputs,
-                    has_aux=True)
-            values.update(out)
-            produced[stage.name] = tuple(out)
-
-        head_grad = jax.value_and_grad(head_loss, argnums=(0, 2), has_aux=True)
-
-        def head_step(acc, xs):
-            inputs, vi_m, ir_m = xs
-            (loss, (terms, images)), (g_params, g_inputs) = head_grad(params, stats, inputs, vi_m, ir_m)
-            return _tree_add(acc, g_params), (loss, terms, images, g_inputs)
-
-        grads, (loss_s, terms_s, images, cot) = jax.lax.scan(
-            head_step, jax.tree.map(jnp.zeros_like, params),
-            (split({key: values[key] for key in head.inputs}), split(vi), split(ir)))
-        cot = join(cot)
-
-        features = {key: values[key] for key in ("vi_base", "ir_base", "vi_detail", "ir_detail")}
-        others = jax.lax.stop_gradient({**join(images), "graph_ir": values["graph_ir"],
-                                        "graph_vi": values["graph_vi"]})
-        (batch_total, batch_terms), g_features = jax.value_and_grad(batch_loss, has_aux=True)(
-            features, others, vi)
-        cot = {key: _tree_add(g, g_features[key]) if key in g_features else g
-               for key, g in cot.items()}
-
-        for stage in reversed(body):                         # backward
-            g_out = {key: cot.pop(key) if key in cot else jax.tree.map(jnp.zeros_like, values[key])
-                     for key in produced[stage.name]}
-            inputs = {key: values[key] for key in stage.inputs}
-            if stage.per_sample:
-                def step(acc, xs, st=stage):
-                    x, g = xs
-                    _, vjp = jax.vjp(lambda p, x_: run(st, p, stats, x_)[0], params, x)
-                    g_params, g_x = vjp(g)
-                    return _tree_add(acc, g_params), g_x
-                r = rows_per_sample(inputs, vi.shape[0])
-                grads, g_in = jax.lax.scan(step, grads, (split(inputs, r), split(g_out, r)))
-                g_in = join(g_in)
-            else:
-                g_params, g_in = batch_vjps[stage.name](g_out)
-                grads = _tree_add(grads, g_params)
-            for key, g in g_in.items():
-                if key not in ("vi", "ir"):
-                    cot[key] = _tree_add(cot[key], g) if key in cot else g
-
-        total = jnp.sum(loss_s) + batch_total
-        terms = {**{t: jnp.mean(v) for t, v in terms_s.items()}, **batch_terms,
-                 f"total_phase{phase}": total}
-        return (total, (terms, stats)), grads
-
-    return value_and_grad
+    return _MicrobatchedGradient(train_model, batch_stats_of, PHASES[phase], cfg, k, policy)

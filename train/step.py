@@ -10,7 +10,8 @@ global-norm clipping, exactly as the reference's five optimisers. Adam is torch.
 own arithmetic, step count per parameter included (`adam_update`): a parameter that a phase
 never uses gets no gradient in PyTorch (None), and Adam skips it, so it neither moves nor
 counts the step. Phase I uses neither fusion layer nor the graph's fused head
-(`UNUSED_IN_PHASE`), whose first real step is then Adam's step 1 in phase II.
+(`UNUSED_IN_PHASE`, from `train.phases`), whose first real step is then Adam's step 1 in
+phase II.
 """
 from __future__ import annotations
 
@@ -23,27 +24,20 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from smfnet_jax import losses
 from smfnet_jax.layers import cast_floats
 from smfnet_jax.model import SUBMODELS, SMFNet
 from smfnet_jax.policy import ComputePolicy, resolve, set_policy
 from train.configs.validate import microbatches_divide
 from train.microbatch import make_microbatched_value_and_grad
+from train.phases import FUSION_SUBMODELS, PHASES
 
-FUSION_SUBMODELS = ("base_fuse", "detail_fuse")  # trained, and scheduled, in phase II only
-
-# Parameters a phase's forward never reads, as (sub-model, path prefix; () for all of it):
-# torch.optim.Adam skips them (their .grad is None), so their value, moments and step count
-# stay put. tests/test_train.py checks this against the gradients the phases produce.
-UNUSED_IN_PHASE = {
-    1: tuple((sub, ()) for sub in FUSION_SUBMODELS) + (("graph", ("fuse",)),),  # C_cls: phase II
-    2: (),
-}
+# `Phase.unused` by phase number; tests/test_train.py checks it against the gradients.
+UNUSED_IN_PHASE = {n: phase.unused for n, phase in PHASES.items()}
 
 
 def submodels_for(phase: int) -> tuple[str, ...]:
     """The sub-models a phase trains (clips, steps and logs)."""
-    return tuple(s for s in SUBMODELS if (s, ()) not in UNUSED_IN_PHASE[phase])
+    return PHASES[phase].submodels
 
 
 def learning_rates(epoch: int, cfg) -> dict[str, float]:
@@ -159,15 +153,14 @@ def _batch_stats(model: SMFNet) -> dict:
 
 def make_loss_fn(graphdef, phase: int, cfg) -> Callable:
     """(params, batch_stats, vi, ir) -> (loss, (terms, new_batch_stats)), model in train mode."""
-    objective = losses.phase1_loss if phase == 1 else losses.phase2_loss
+    p = PHASES[phase]
 
     def loss_fn(params, batch_stats, vi, ir):
         model = _train_model(graphdef, params, batch_stats)
         policy = model.policy
-        forward = model.phase1 if phase == 1 else model.phase2
-        out = forward(vi.astype(policy.compute_dtype), ir.astype(policy.compute_dtype))
+        out = p.forward(model, vi.astype(policy.compute_dtype), ir.astype(policy.compute_dtype))
         out = cast_floats(out, jnp.float32)  # losses in f32 whatever the compute dtype
-        total, terms = objective(out, vi, ir, decomp_grad=cfg.decomp_grad, precision=policy.precision)
+        total, terms = p.loss(out, vi, ir, decomp_grad=cfg.decomp_grad, precision=policy.precision)
         return total, (terms, _batch_stats(model))
 
     return loss_fn
