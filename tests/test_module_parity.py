@@ -45,8 +45,8 @@ def _nodes_out(nodes):
 
 
 def _gr(mod, vi, ir):
-    f_ir, f_vi = mod(_nhwc(vi), _nhwc(ir))
-    return [_nchw(mod.fuse([f_ir, f_vi])), _nchw(f_ir), _nchw(f_vi)]
+    f_vi, f_ir = mod(_nhwc(vi), _nhwc(ir))
+    return [_nchw(mod.merge(f_vi, f_ir)), _nchw(f_ir), _nchw(f_vi)]
 
 
 # name: (our module from the model, its inputs in call order, call(module, *NCHW) -> [NCHW])
