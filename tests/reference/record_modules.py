@@ -17,33 +17,20 @@ float64 (`module.double()`), and OUT.npz gets, NCHW:
     <module>/grad32/<input> d(0.5 * sum of squares of the outputs)/d input; grad64/<input>
 """
 import copy
-import os
 import sys
 
 import numpy as np
 
-SUBMODELS = ("DIDF_Encoder", "DIDF_Decoder", "BaseFuseLayer", "DetailFuseLayer", "GraphModel")
+from reference_nets import load_reference_nets
 
 
 def main() -> None:
     pth, images, y, x, h, w, out = sys.argv[1:8]
     y, x, h, w = int(y), int(x), int(h), int(w)
-    sys.path.insert(0, os.environ["SMFNET_REF"])
     import torch
-    import torch.nn as nn
-    from net_final import (BaseFeatureExtraction, CGR_backbone, DetailFeatureExtraction,
-                           Restormer_Decoder, Restormer_Encoder)
 
     torch.set_num_threads(1)
-    ckpt = torch.load(pth, map_location="cpu")
-    build = {"DIDF_Encoder": Restormer_Encoder, "DIDF_Decoder": Restormer_Decoder,
-             "BaseFuseLayer": lambda: BaseFeatureExtraction(dim=64, num_heads=8),
-             "DetailFuseLayer": DetailFeatureExtraction, "GraphModel": CGR_backbone}
-    nets = {}
-    for name in SUBMODELS:
-        net = nn.DataParallel(build[name]())
-        net.load_state_dict(ckpt[name])
-        nets[name] = net.module.eval()
+    nets = {name: net.module.eval() for name, net in load_reference_nets(pth).items()}
     enc, graph, detail_fuse = nets["DIDF_Encoder"], nets["GraphModel"], nets["DetailFuseLayer"]
     reasoning = graph.graph.graph  # CGR_backbone.graph (CGR) .graph (GraphReasoning)
 

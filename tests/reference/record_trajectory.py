@@ -27,7 +27,7 @@ import sys
 import h5py
 import numpy as np
 
-SUBMODELS = ("DIDF_Encoder", "DIDF_Decoder", "BaseFuseLayer", "DetailFuseLayer", "GraphModel")
+from reference_nets import SUBMODELS, load_reference_nets
 PHASE1 = ("DIDF_Encoder", "DIDF_Decoder", "GraphModel")
 
 
@@ -51,22 +51,12 @@ def main() -> None:
     import torch
     import torch.nn as nn
     import kornia
-    from net_final import (BaseFeatureExtraction, CGR_backbone, DetailFeatureExtraction,
-                           Restormer_Decoder, Restormer_Encoder)
     from loss import Fusion_loss_stage1, Fusionloss, Seg_loss, cc, gram_matrix
 
     torch.set_num_threads(2)
     dtype = torch.float64 if args.float64 else torch.float32
     torch.set_default_dtype(dtype)
-    ckpt = torch.load(args.init, map_location="cpu")
-    build = {"DIDF_Encoder": Restormer_Encoder, "DIDF_Decoder": Restormer_Decoder,
-             "BaseFuseLayer": lambda: BaseFeatureExtraction(dim=64, num_heads=8),
-             "DetailFuseLayer": DetailFeatureExtraction, "GraphModel": CGR_backbone}
-    nets = {}
-    for name in SUBMODELS:
-        net = nn.DataParallel(build[name]())
-        net.load_state_dict(ckpt[name])
-        nets[name] = net.to(dtype)
+    nets = load_reference_nets(args.init, dtype)
     opts = {n: torch.optim.Adam(nets[n].parameters(), lr=args.lr, weight_decay=0) for n in SUBMODELS}
     scheds = {n: torch.optim.lr_scheduler.StepLR(opts[n], step_size=args.step_epochs, gamma=0.5)
               for n in SUBMODELS}
