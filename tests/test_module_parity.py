@@ -7,7 +7,8 @@ whole model, can only name an output. Every array, outputs and the gradients of
 
     err(ours) <= max(RATIO * err(torch float32), FLOOR)   and   err(ours) <= BOUND
 
-with err = max |x - float64 reference| / max |float64 reference| (`module_cases.scaled_error`):
+with err = max |x - float64 reference| / max |float64 reference| (`module_cases.scaled_error`)
+and RATIO by the model's routines (`RATIOS`):
 a faithful float32 port rounds about as the original's float32 run does (see
 tests/fixtures/modules/README.md for the measured errors).
 """
@@ -20,9 +21,11 @@ import module_cases as mc
 
 # Measured (tests/fixtures/modules/README.md): torch float32's own error is 7.7e-8 to 5.1e-7;
 # ours is 0.8 to 2.1 times that with the `cpu` routines, up to 2.6 with `xla`
-# (SMFNET_JAX_IMPL=xla), the largest on the dense and dilated convs' outputs and gradients.
-# A real fault is far outside: tanh-GELU for exact GELU alone is 1.5e-4 on the whole model.
-RATIO = 5.0
+# (SMFNET_JAX_IMPL=xla), the largest on the dense and dilated convs' outputs and gradients:
+# XLA:CPU's convolution sums all 9 x C products of an output in one float32 chain (oneDNN,
+# torch's, in shorter ones). A real fault is far outside: tanh-GELU for exact GELU alone is
+# 1.5e-4 on the whole model.
+RATIOS = {"cpu": 2.5, "xla": 3.0}
 FLOOR = 2.0 ** -22   # 2.4e-7: a few float32 roundings, allowed even where torch's error is less
 BOUND = 2e-6         # and never more than this, whatever torch's error
 
@@ -139,7 +142,8 @@ def test_module(case, module, item, module_runs):
     group, key = item.split("/")
     torch32 = meta["modules"][module]["outputs" if group == "out" else "gradients"][key]["torch_float32_error"]
     err = mc.scaled_error(ours, ref)
-    allowed = min(max(RATIO * torch32, FLOOR), BOUND)
+    from smfnet_jax.policy import resolve
+    allowed = min(max(RATIOS[resolve().routines] * torch32, FLOOR), BOUND)
     print(f"{case} {module:16s} {item:11s} vs float64: ours {err:.2e}, torch float32 {torch32:.2e} "
           f"(ratio {err / torch32:.2f}; allowed {allowed:.2e})")
     assert err <= allowed, (f"{module} {item}: max |ours - float64| / max |float64| = {err:.3g} > "
