@@ -63,12 +63,23 @@ class Fuser:
 
         self._state = state
         self.model = model  # the eval-mode model the program was built from
+        self._fuse_fn = fuse
         self._fuse = jax.jit(fuse)
 
-    def lower(self, height: int, width: int, batch: int = 1):
-        """The jitted fusion lowered for `batch` pairs of HxW (`.compile()` it; for benchmarks)."""
+    def lower(self, height: int, width: int, batch: int = 1, *, mesh: jax.sharding.Mesh | None = None):
+        """The jitted fusion lowered for `batch` pairs of HxW (`.compile()` it; for benchmarks).
+
+        mesh: lower for that mesh instead (the pairs split over its first axis, the weights
+        replicated), which may be another machine's: compile-only devices from
+        `jax.experimental.topologies` (train.plan)."""
         spec = jax.ShapeDtypeStruct((batch, height, width), jnp.float32)
-        return self._fuse.lower(self._state, spec, spec)
+        if mesh is None:
+            return self._fuse.lower(self._state, spec, spec)
+        P, named = jax.sharding.PartitionSpec, jax.sharding.NamedSharding
+        pairs, weights = named(mesh, P(mesh.axis_names[0])), named(mesh, P())
+        state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=weights), self._state)
+        spec = jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=pairs)
+        return jax.jit(self._fuse_fn, out_shardings=pairs).lower(state, spec, spec)
 
     def compile(self, height: int, width: int, batch: int = 1):
         """Compile for `batch` pairs of HxW ahead of time; returns `fn(ir, vi)` (HxW arrays for

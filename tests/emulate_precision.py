@@ -66,7 +66,8 @@ def fusion_errors(model, vi, ir) -> dict:
 def training_deviations(model, vi, ir) -> dict:
     """Per phase, per loss term and gradient norm: relative deviation from float64."""
     from train.configs import msrs
-    from train.step import make_value_and_grad, split_model, submodels_for
+    from train.phases import PHASES
+    from train.step import make_value_and_grad, split_model
     cfg = msrs.get_config()
     cfg.microbatches = 1
     graphdef, params, stats = split_model(model)
@@ -75,7 +76,7 @@ def training_deviations(model, vi, ir) -> dict:
         def measure(p, s, a, b):
             (_, (terms, _)), grads = jax.jit(make_value_and_grad(graphdef, phase, cfg))(p, s, a, b)
             vals = {k: float(v) for k, v in terms.items()}
-            vals.update({f"grad_norm/{sub}": float(optax.global_norm(grads[sub])) for sub in submodels_for(phase)})
+            vals.update({f"grad_norm/{sub}": float(optax.global_norm(grads[sub])) for sub in PHASES[phase].submodels})
             return vals
         ref = measure(cast_floats(params, jnp.float64), cast_floats(stats, jnp.float64),
                       vi.astype(np.float64), ir.astype(np.float64))

@@ -81,7 +81,7 @@ def test_gradient_norms_match_reference(phase, microbatches, our_losses, referen
 
 @pytest.mark.parametrize("phase", [1, 2])
 def test_unused_in_phase_is_what_the_phase_leaves_without_gradient(phase, our_losses):
-    """train.step.UNUSED_IN_PHASE (the parameters torch's Adam skips, .grad None) against the
+    """train.phases.PHASES[n].unused (the parameters torch's Adam skips, .grad None) against the
     gradients the phase produces: exactly zero there, nonzero in every other leaf."""
     import jax
     from train.step import trained_mask

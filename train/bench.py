@@ -77,7 +77,8 @@ def precision_report(batch: int = 2, size: int = 128) -> list[dict]:
     from smfnet_jax.model import create_model
     from train.configs import msrs
     from smfnet_jax.policy import set_policy
-    from train.step import make_value_and_grad, split_model, submodels_for, train_policy
+    from train.phases import PHASES
+    from train.step import make_value_and_grad, split_model, train_policy
 
     data = _synthetic_batch(batch, size)
     rows = []
@@ -91,7 +92,7 @@ def precision_report(batch: int = 2, size: int = 128) -> list[dict]:
             (_, (terms, _)), grads = fn(params, stats, data["vi"], data["ir"])
             values[dtype] = {**{k: float(v) for k, v in terms.items()},
                              **{f"grad_norm/{s}": float(optax.global_norm(grads[s]))
-                                for s in submodels_for(phase)}}
+                                for s in PHASES[phase].submodels}}
         for name, ref in values["float32"].items():
             low = values["bfloat16"][name]
             rows.append({"phase": phase, "name": name, "float32": ref, "bfloat16": low,

@@ -11,7 +11,7 @@ import dataclasses
 from typing import Callable
 
 from smfnet_jax import losses
-from smfnet_jax.model import SUBMODELS, SMFNet
+from smfnet_jax.model import SUBMODELS
 
 FUSION_SUBMODELS = ("base_fuse", "detail_fuse")  # trained, and scheduled, in phase II only
 
@@ -22,9 +22,10 @@ class Phase:
 
     `unused`: parameters its forward never reads, as (sub-model, path prefix; () for all of
     it): torch.optim.Adam skips them (their .grad is None), so their value, moments and step
-    count stay put. `forward(model, vi, ir)` and `head(model, features)` are `SMFNet`
-    methods: the whole training forward, and its part after the graph branch (what the
-    micro-batched gradient runs last). `images`: the head's outputs the losses read as images.
+    count stay put. `forward(model, vi, ir)` and `head(model, features)` call the model's
+    methods (looked up on the model, so a subclass's override is the one used): the whole
+    training forward, and its part after the graph branch (what the micro-batched gradient
+    runs last). `images`: the head's outputs the losses read as images.
     The loss is `loss(outputs, vi, ir, ...)` whole, or in parts: `sample_terms` (batch means
     of per-sample quantities), `batch_terms` (of the whole batch) and `combine` (terms ->
     total, linear in each term).
@@ -53,11 +54,13 @@ def _phase2_batch_terms(outputs, vi, **kwargs):
 PHASES = {
     1: Phase(1, unused=tuple((sub, ()) for sub in FUSION_SUBMODELS)
              + (("graph", ("fuse",)),),  # C_cls: the fused graph feature, phase II's
-             forward=SMFNet.phase1, head=SMFNet.reconstruct, images=("vi_hat", "ir_hat"),
+             forward=lambda m, vi, ir: m.phase1(vi, ir), head=lambda m, f: m.reconstruct(f),
+             images=("vi_hat", "ir_hat"),
              loss=losses.phase1_loss, sample_terms=losses.phase1_sample_terms,
              batch_terms=losses.phase1_batch_terms, combine=losses.combine_phase1_terms,
              first_epoch=lambda cfg: 0),
-    2: Phase(2, unused=(), forward=SMFNet.phase2, head=SMFNet.fusion_head, images=("fused",),
+    2: Phase(2, unused=(), forward=lambda m, vi, ir: m.phase2(vi, ir),
+             head=lambda m, f: m.fusion_head(f), images=("fused",),
              loss=losses.phase2_loss, sample_terms=losses.phase2_sample_terms,
              batch_terms=_phase2_batch_terms, combine=losses.combine_phase2_terms,
              first_epoch=lambda cfg: cfg.phase1_epochs),

@@ -10,7 +10,7 @@ global-norm clipping, exactly as the reference's five optimisers. Adam is torch.
 own arithmetic, step count per parameter included (`adam_update`): a parameter that a phase
 never uses gets no gradient in PyTorch (None), and Adam skips it, so it neither moves nor
 counts the step. Phase I uses neither fusion layer nor the graph's fused head
-(`UNUSED_IN_PHASE`, from `train.phases`), whose first real step is then Adam's step 1 in
+(`PHASES[1].unused`, train/phases.py), whose first real step is then Adam's step 1 in
 phase II.
 """
 from __future__ import annotations
@@ -31,15 +31,6 @@ from train.configs.validate import microbatches_divide
 from train.microbatch import make_microbatched_value_and_grad
 from train.phases import FUSION_SUBMODELS, PHASES
 
-# `Phase.unused` by phase number; tests/test_train.py checks it against the gradients.
-UNUSED_IN_PHASE = {n: phase.unused for n, phase in PHASES.items()}
-
-
-def submodels_for(phase: int) -> tuple[str, ...]:
-    """The sub-models a phase trains (clips, steps and logs)."""
-    return PHASES[phase].submodels
-
-
 def learning_rates(epoch: int, cfg) -> dict[str, float]:
     """StepLR(step, gamma) per epoch, floored at lr_min, as the reference's schedulers.
 
@@ -55,7 +46,7 @@ def learning_rates(epoch: int, cfg) -> dict[str, float]:
 
 def trained_mask(phase: int, sub: str, params) -> dict:
     """A tree like `params` (one sub-model's) of Python bools: True where the phase trains it."""
-    prefixes = [p for s, p in UNUSED_IN_PHASE[phase] if s == sub]
+    prefixes = [p for s, p in PHASES[phase].unused if s == sub]
     def trained(path, _):
         keys = tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
         return not any(keys[:len(p)] == p for p in prefixes)
@@ -166,13 +157,16 @@ def make_loss_fn(graphdef, phase: int, cfg) -> Callable:
     return loss_fn
 
 
-def resolve_microbatches(setting: int, global_batch: int, routines: str) -> int:
+def resolve_microbatches(setting: int, global_batch: int, routines: str,
+                         devices: int | None = None) -> int:
     """cfg.microbatches: >0 as given; 0 (auto): one sample per micro-batch with the XLA:CPU
     routines (the policy's `routines == "cpu"`), where it is both faster (each slice's activations
     stay in cache) and several times smaller in memory, and the whole batch with XLA's
-    ("xla", GPU/TPU), where small slices would idle the device.
+    ("xla", GPU/TPU), where small slices would idle the device. `devices`: how many the batch
+    is split over (default this process's `jax.device_count()`; a mesh compiled for another
+    machine passes its own, train.plan).
     Raises ValueError unless the setting is 0 or divides the per-device batch."""
-    per_device = global_batch // jax.device_count()
+    per_device = global_batch // (devices or jax.device_count())
     if not microbatches_divide(setting, per_device):
         raise ValueError(f"microbatches={setting} must be 0 (auto) or divide the per-device "
                          f"batch {per_device}")
@@ -181,14 +175,15 @@ def resolve_microbatches(setting: int, global_batch: int, routines: str) -> int:
     return max(1, per_device) if routines == "cpu" else 1
 
 
-def make_value_and_grad(graphdef, phase: int, cfg) -> Callable:
+def make_value_and_grad(graphdef, phase: int, cfg, devices: int | None = None) -> Callable:
     """(params, batch_stats, vi, ir) -> ((loss, (terms, new_batch_stats)), grads), whole-batch
-    or micro-batched (`cfg.microbatches`, resolved when traced)."""
+    or micro-batched (`cfg.microbatches`, resolved when traced, for a batch split over
+    `devices`: see `resolve_microbatches`)."""
     whole = jax.value_and_grad(make_loss_fn(graphdef, phase, cfg), has_aux=True)
 
     def value_and_grad(params, stats, vi, ir):
         policy = policy_of(graphdef, {"params": params, "batch_stats": stats})  # static
-        k = resolve_microbatches(cfg.microbatches, vi.shape[0], policy.routines)
+        k = resolve_microbatches(cfg.microbatches, vi.shape[0], policy.routines, devices)
         if k == 1:
             return whole(params, stats, vi, ir)
         train_model = functools.partial(_train_model, graphdef)
@@ -198,10 +193,11 @@ def make_value_and_grad(graphdef, phase: int, cfg) -> Callable:
     return value_and_grad
 
 
-def make_train_step(graphdef, phase: int, cfg) -> Callable:
-    """(state, vi, ir, lrs) -> (state, metrics). Pure; jit it with shardings and donation."""
-    value_and_grad = make_value_and_grad(graphdef, phase, cfg)
-    updated = submodels_for(phase)
+def make_train_step(graphdef, phase: int, cfg, devices: int | None = None) -> Callable:
+    """(state, vi, ir, lrs) -> (state, metrics). Pure; jit it with shardings and donation
+    (`devices`: what the batch is split over; see `resolve_microbatches`)."""
+    value_and_grad = make_value_and_grad(graphdef, phase, cfg, devices)
+    updated = PHASES[phase].submodels
 
     def train_step(state, vi, ir, lrs):
         (loss, (terms, new_stats)), grads = value_and_grad(
@@ -222,8 +218,9 @@ def make_train_step(graphdef, phase: int, cfg) -> Callable:
 
 def jit_train_step(graphdef, phase: int, cfg, mesh: jax.sharding.Mesh | None = None) -> Callable:
     """The step jitted with the state replicated, the batch split over the mesh's 'data'
-    axis, and the state's buffers donated."""
-    step = make_train_step(graphdef, phase, cfg)
+    axis, and the state's buffers donated. The mesh may be another machine's (train.plan
+    compiles for TPU and GPU meshes from `jax.experimental.topologies`)."""
+    step = make_train_step(graphdef, phase, cfg, None if mesh is None else mesh.size)
     if mesh is None:
         return jax.jit(step, donate_argnums=(0,))
     P = jax.sharding.PartitionSpec

@@ -1,0 +1,188 @@
+"""train.plan: compile-only plans for TPU and GPU targets (#21).
+
+The compiles need the [plan] extra (libtpu, the CUDA plugin); without it those tests skip
+with one line. .ci/run-plan runs this file in a venv that has it. The rest (the fitting
+search, the per-row figures, the missing-package message) run everywhere.
+"""
+import dataclasses
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from train import plan as plan_lib
+from train.plan import TARGETS, largest_fitting
+
+TPU, GPU = TARGETS["tpu:v5e:2x2"], TARGETS["gpu:h100"]
+
+
+# --------------------------------------------------------------------------- the search
+def _brute(total, limit, cap):
+    fitting = [n for n in range(1, cap + 1) if total(n) is not None and total(n) <= limit]
+    return max(fitting, default=0)
+
+
+@pytest.mark.parametrize("curve", ["affine", "affine_start_too_big", "quadratic", "oom_above_40",
+                                   "nothing_fits", "everything_fits", "tpu_verdict_only"])
+def test_largest_fitting_equals_exhaustive_search_with_few_calls(curve):
+    total = {
+        "affine": lambda n: 3e8 + 2.5e8 * n,
+        "affine_start_too_big": lambda n: 3e8 + 2.5e8 * n,
+        "quadratic": lambda n: 1e8 + 1e7 * n + 4e6 * n * n,
+        "oom_above_40": lambda n: None if n >= 40 else 1e8 + 1e7 * n,  # compiler refuses
+        "nothing_fits": lambda n: 1e12 + n,
+        "everything_fits": lambda n: float(n),
+        # TPUs: the compiler refuses what does not fit; its bytes are not comparable to HBM
+        "tpu_verdict_only": lambda n: None if n >= 6 else 1e10 * n,
+    }[curve]
+    start = 200 if curve == "affine_start_too_big" else 6
+    limit, cap = (math.inf if curve == "tpu_verdict_only" else 16 * 2**30), 4096
+    calls = []
+    got, seen = largest_fitting(lambda n: calls.append(n) or total(n), limit, start, cap)
+    assert got == _brute(total, limit, cap)
+    assert len(calls) == len(set(calls)) == len(seen)  # each size compiled once
+    assert len(calls) <= {"affine": 4}.get(curve, 16), sorted(calls)  # memory is near affine
+
+
+# --------------------------------------------------------------------------- one row, on CPU
+def test_row_reports_per_chip_bytes_flops_and_fit_from_the_compiler():
+    """`row` on a CPU compile: the bytes are the memory analysis' (donation subtracted),
+    flops the cost analysis' times the chips, and a failing lowering is a row, not a crash."""
+    x = jax.ShapeDtypeStruct((64, 64), jnp.float32)
+    lower = lambda: jax.jit(lambda a, b: (a @ b, a + 1), donate_argnums=(0,)).lower(x, x)
+    chip = plan_lib.Chip("test chip", hbm_bytes=10**6, hbm_bandwidth=1e9, bf16_flops=6e9)
+    policy = plan_lib_policy()
+    r = plan_lib.row("matmul", lower, global_batch=8, chips=2, chip=chip, policy=policy)
+    m = lower().compile().memory_analysis()
+    b = r["bytes_per_chip"]
+    assert r["compiled"] and r["error"] is None and r["per_chip_batch"] == 4
+    assert b["arguments"] == m.argument_size_in_bytes == 2 * 64 * 64 * 4
+    assert b["total"] == (b["arguments"] + b["outputs"] + b["temp"] + b["code"] - b["aliased"]) > 0
+    assert r["fits"] == (b["total"] <= 10**6)
+    cpu_flops = lower().compile().cost_analysis()["flops"]
+    assert r["flops"] == pytest.approx(2 * cpu_flops) and cpu_flops >= 2 * 64**3
+    assert r["roofline_s"] >= cpu_flops / (6e9 / 6)  # highest precision: 6 bf16 passes
+
+    tpu = dataclasses.replace(chip, compiler_checks_hbm=True)  # compiled means it fits
+    assert plan_lib.row("matmul", lower, 8, 2, tpu, policy)["fits"]
+    assert not plan_lib.row("matmul", lower, 8, 2, dataclasses.replace(chip, hbm_bytes=1000), policy)["fits"]
+
+    def broken():
+        raise ValueError("no such shape\nsecond line")
+    bad = plan_lib.row("broken", broken, 8, 2, chip, policy)
+    assert not bad["compiled"] and bad["error"] == "ValueError: no such shape" and not bad["fits"]
+
+
+def test_a_compile_refused_for_hbm_counts_as_not_fitting_and_others_do_not():
+    refused = {"compiled": False, "error": "JaxRuntimeError: RESOURCE_EXHAUSTED: E1000: "
+               "CompileTimeHbmOom: XLA:TPU compile permanent error. Ran out of memory in memory "
+               "space hbm. Used 15.79G of 15.75G hbm. Exceeded hbm capacity by 38.49M."}
+    assert plan_lib.is_out_of_memory(refused)  # as libtpu 0.0.42 says it (v5e, phase II, 6/chip)
+    assert not plan_lib.is_out_of_memory({"compiled": False, "error": "ValueError: bad shape"})
+    assert not plan_lib.is_out_of_memory({"compiled": True, "error": None})
+
+
+def plan_lib_policy():
+    from smfnet_jax.policy import resolve
+    return resolve("xla")
+
+
+def test_missing_extra_is_one_line_naming_the_package(monkeypatch, capsys):
+    import importlib.util
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("libtpu", "jax_plugins.xla_cuda12") else real(name, *a))
+    assert plan_lib.main(["--target", "tpu:v5e:2x2", "--no-fit"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "libtpu" in err[0] and "smfnet-jax[plan]" in err[0]
+    assert "jax-cuda12-plugin" in plan_lib.missing_package(GPU)
+
+
+def test_cli_rejects_bad_rows_and_sizes(capsys):
+    for argv in (["--rows", "phase3"], ["--fuse-sizes", "480by640"], ["--batch", "0"]):
+        with pytest.raises(SystemExit) as e:
+            plan_lib.main(["--target", "tpu:v5e:2x2", *argv])
+        assert e.value.code == 2
+    assert "phase3" in capsys.readouterr().err
+
+
+def test_microbatches_resolve_against_the_mesh_they_are_compiled_for():
+    from train.step import resolve_microbatches
+    assert resolve_microbatches(0, 16, "cpu", devices=4) == 4   # one sample per slice
+    assert resolve_microbatches(2, 16, "cpu", devices=4) == 2
+    with pytest.raises(ValueError, match="per-device batch 4"):
+        resolve_microbatches(3, 16, "xla", devices=4)
+
+
+# --------------------------------------------------------------------------- real compiles
+def _needs(target):
+    missing = plan_lib.missing_package(target)
+    if missing:
+        pytest.skip(missing)
+
+
+def _cpu_flops_of_phase2(batch, size, precision):
+    """XLA:CPU's cost analysis of the same train step (same routines and precision), whole
+    batch on one device."""
+    from smfnet_jax.model import create_model
+    from smfnet_jax.policy import resolve
+    from train.configs import msrs
+    from train.step import init_train_state, learning_rates, make_train_step
+    cfg = msrs.get_config()
+    cfg.precision = precision
+    policy = resolve("xla", precision=precision)
+    graphdef, state = init_train_state(create_model(0, policy), cfg, policy)
+    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype), state)
+    img = jax.ShapeDtypeStruct((batch, size, size, 1), jnp.float32)
+    lrs = {k: jax.ShapeDtypeStruct((), jnp.float32) for k in learning_rates(0, cfg)}
+    lowered = jax.jit(make_train_step(graphdef, 2, cfg)).lower(state, img, img, lrs)
+    return lowered.compile().cost_analysis()["flops"]
+
+
+def test_tpu_v5e_phase2_compiles_with_sane_plan(tmp_path):
+    """Phase II for a v5e 2x2 slice (4 chips), one 16x16 pair per chip, single-pass
+    precision (the smallest TPU program; highest compiles 4x longer): compiled, bytes > 0,
+    state replicated per chip and donated, whole-mesh FLOPs within 30% of XLA:CPU's count
+    of the same step, StableHLO written, and --json's document."""
+    _needs(TPU)
+    out = tmp_path / "plan.json"
+    rc = plan_lib.main(["--target", TPU.name, "--rows", "phase2", "--batch", "4", "--size", "16",
+                        "--precision", "default", "--no-fit", "--json", str(out),
+                        "--hlo-dir", str(tmp_path / "hlo")])
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    assert doc["target"] == TPU.name and doc["chips"] == 4 and doc["hosts"] == 1
+    assert doc["executed"] is False
+    (r,) = doc["rows"]
+    assert r["what"] == "phase2" and r["compiled"] and r["error"] is None
+    assert r["global_batch"] == 4 and r["per_chip_batch"] == 1
+    b = r["bytes_per_chip"]
+    assert all(b[k] > 0 for k in ("arguments", "outputs", "temp", "total"))
+    # Params + Adam's two moments of ~3.9M float32 values each, whole on every chip, donated.
+    assert 40e6 < b["arguments"] < 60e6 and b["aliased"] > 0.95 * b["outputs"]
+    assert r["hbm_per_chip"] == 16 * 2**30 and r["fits"] and r["roofline_s"] > 0
+    cpu = _cpu_flops_of_phase2(4, 16, "default")
+    assert r["flops"] == pytest.approx(cpu, rel=0.3), (r["flops"], cpu)
+    text = (tmp_path / "hlo" / "phase2.mlir").read_text()
+    assert "func.func public @main" in text and "tensor<4x16x16x1xf32>" in text
+
+
+def test_gpu_h100_fusion_compiles_with_sane_plan():
+    """Fusion of one 32x32 pair per GPU on an 8-GPU H100 host: compiled for sm_90 with no
+    GPU and no CUDA libraries; memory analysis only (XLA:GPU gives no cost analysis)."""
+    _needs(GPU)
+    doc = plan_lib.plan(GPU, rows=("fuse",), fuse_sizes=((32, 32),), fit=False, log=lambda s: None)
+    assert doc["chips"] == 8 and doc["hosts"] == 1 and "H100" in doc["device_kind"]
+    (r,) = doc["rows"]
+    assert r["what"] == "fuse_32x32" and r["compiled"], r["error"]
+    assert r["global_batch"] == 8 and r["per_chip_batch"] == 1
+    b = r["bytes_per_chip"]
+    # The weights fusion reads (~2.65M float32 values: jit drops the unused ones) whole on
+    # every GPU, and one pair in, one image out.
+    assert 8e6 < b["arguments"] < 16e6 and b["outputs"] == 32 * 32 * 4 and b["temp"] > 0
+    assert r["flops"] is None and r["roofline_s"] is None and r["fits"]
+    assert math.isclose(r["hbm_per_chip"], plan_lib.H100.hbm_bytes)

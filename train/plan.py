@@ -1,0 +1,421 @@
+"""Per-chip memory plans for TPU and GPU targets, compiled here without the device.
+
+  python -m train.plan --target tpu:v5e:4x4 --json plan.json     # (console script smfnet-plan)
+  python -m train.plan --target gpu:h200 --hlo-dir hlo/
+  python -m train.plan --target tpu:v5e:2x2 --rows phase2 --size 32 --no-fit
+
+For the target's whole mesh (every chip of every host, from `jax.experimental.topologies`:
+compile-only devices), the real compiler of that machine (libtpu; XLA:GPU through the CUDA
+plugin) compiles, and nothing runs:
+- `phase1`, `phase2`: the jitted train step (train.step, the trainer's shardings: state
+  replicated, batch split over the chips, state donated) at the global batch (default: the
+  recipe's batch, 6, per chip);
+- `fuse_480x640`, `fuse_1024x1024`: fusion of one pair per chip (`Fuser.lower` on the mesh).
+Per row: per-chip bytes from the compiler's memory analysis (arguments, outputs, temporaries,
+program code, less what donation aliases), FLOPs from its cost analysis (TPU only; XLA:GPU
+gives none) for the whole mesh, and a roofline time from the chip's peak and HBM bandwidth.
+Then, per train phase, the largest per-chip batch that fits, by a bracketed search over
+compiles (`largest_fitting`). Fits: on TPUs, the compiler accepted it (it refuses a program
+that exceeds HBM, by its own account); on GPUs, total <= 75% of the memory (JAX preallocates
+XLA_PYTHON_CLIENT_MEM_FRACTION=0.75 of it unless told otherwise; XLA:GPU compiles anything).
+
+Needs the [plan] extra (libtpu and the CUDA plugin matching jaxlib): install it in its own
+venv, since with it every JAX start tries those backends and prints their failures.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+GiB = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """What a plan needs of one chip (vendors' published figures)."""
+    kind: str
+    hbm_bytes: int          # per chip, as the runtime reports it
+    hbm_bandwidth: float    # bytes/s
+    bf16_flops: float       # dense peak, per chip
+    usable: float = 1.0     # share of hbm_bytes a program may take (GPU: JAX's preallocation)
+    # TPU compilers refuse a program that does not fit (their own account of HBM, which is not
+    # the memory analysis' sum: phase II at 5 per v5e chip compiles with 16.2 GiB of
+    # "temporaries"), so there the verdict is the compiler's; XLA:GPU compiles anything.
+    compiler_checks_hbm: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    name: str               # as --target takes it
+    platform: str           # "tpu" | "gpu"
+    topology: str           # TPU: "v5e:4x4"; GPU: "1x<hosts>x<gpus per host>"
+    chip: Chip
+    chip_config: str | None = None  # TPU: "megacore" (v4: one device per chip, as on a VM)
+    description: str = ""
+
+
+V5E = Chip("TPU v5e", 16 * GiB, 819e9, 197e12, compiler_checks_hbm=True)
+V4 = Chip("TPU v4", 32 * GiB, 1228e9, 275e12, compiler_checks_hbm=True)
+V5P = Chip("TPU v5p", 95 * GiB, 2765e9, 459e12, compiler_checks_hbm=True)
+V6E = Chip("TPU v6e", 32 * GiB, 1640e9, 918e12, compiler_checks_hbm=True)
+H100 = Chip("NVIDIA H100 80GB HBM3", 84_942_979_072, 3.35e12, 989e12, usable=0.75)
+H200 = Chip("NVIDIA H200", 150_754_820_096, 4.8e12, 989e12, usable=0.75)
+
+TARGETS = {t.name: t for t in (
+    Target("tpu:v5e:2x2", "tpu", "v5e:2x2", V5E, description="v5litepod-4, 1 host"),
+    Target("tpu:v5e:4x4", "tpu", "v5e:4x4", V5E, description="v5litepod-16, 4 hosts"),
+    Target("tpu:v4:2x2x1", "tpu", "v4:2x2x1", V4, "megacore", "v4-8, 1 host"),
+    Target("tpu:v5p:2x2x1", "tpu", "v5p:2x2x1", V5P, "megacore", "v5p-8, 1 host"),
+    Target("tpu:v6e:2x2", "tpu", "v6e:2x2", V6E, description="v6e-4, 1 host"),
+    Target("gpu:h100", "gpu", "1x1x8", H100, description="8 GPUs, 1 host (HGX)"),
+    Target("gpu:h200", "gpu", "1x1x8", H200, description="8 GPUs, 1 host (HGX)"),
+)}
+
+# The XLA:GPU target description (a GpuTargetConfigProto) of each GPU: what the compiler
+# plans with in place of a device it could query. Hopper: 132 SMs at 1.98 GHz, 50 MiB L2.
+_GPU_SPEC = {
+    H100.kind: {"memory_bandwidth": 3_352_320_000_000, "device_memory_size": H100.hbm_bytes},
+    H200.kind: {"memory_bandwidth": 4_800_000_000_000, "device_memory_size": H200.hbm_bytes},
+}
+
+
+def gpu_target_config(chip: Chip) -> str:
+    spec = _GPU_SPEC[chip.kind]
+    return f"""gpu_device_info {{
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_block_optin: 232448
+  shared_memory_per_core: 233472
+  threads_per_core_limit: 2048
+  core_count: 132
+  fpus_per_core: 128
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: {spec["memory_bandwidth"]}
+  l2_cache_size: 52428800
+  clock_rate_ghz: 1.98
+  device_memory_size: {spec["device_memory_size"]}
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+  cuda_compute_capability {{ major: 9 minor: 0 }}
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 8 }}
+device_description_str: "{chip.kind}"
+"""
+
+
+# --------------------------------------------------------------------------- the extra
+PLAN_EXTRA_HINT = "pip install 'smfnet-jax[plan]' (in its own venv; see README, GPUs and TPUs)"
+
+
+def missing_package(target: Target) -> str | None:
+    """The one-line reason this target cannot be compiled here, or None."""
+    import importlib.util
+    module, package = (("libtpu", "libtpu") if target.platform == "tpu"
+                       else ("jax_plugins.xla_cuda12", "jax-cuda12-plugin"))
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        found = False
+    return None if found else (f"--target {target.name} needs {package}, which is not installed: "
+                               f"{PLAN_EXTRA_HINT}")
+
+
+def target_devices(target: Target) -> list:
+    """The compile-only devices of the target's whole topology (all hosts)."""
+    from jax.experimental import topologies
+    if target.platform == "tpu":
+        kwargs = {"chip_config_name": target.chip_config} if target.chip_config else {}
+        return list(topologies.get_topology_desc(target.topology, "tpu", **kwargs).devices)
+    return list(topologies.get_topology_desc(
+        platform="cuda", topology_name="cuda", topology=target.topology,
+        target_config=gpu_target_config(target.chip)).devices)
+
+
+# --------------------------------------------------------------------------- one row
+def peak_flops(chip: Chip, policy) -> float:
+    """The chip's peak for this policy's matmuls: TPUs run float32 as 1 (default), 3 (high)
+    or 6 (highest) bfloat16 passes; bfloat16 compute is one pass."""
+    if policy.dtype == "bfloat16":
+        return chip.bf16_flops
+    return chip.bf16_flops / {"default": 1, "high": 3, "highest": 6}[policy.precision]
+
+
+def measure(compiled, chips: int) -> dict:
+    """Per-chip bytes and whole-mesh FLOPs of a compiled program (the compiler's analyses)."""
+    m = compiled.memory_analysis()
+    parts = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
+             "temp": m.temp_size_in_bytes, "code": m.generated_code_size_in_bytes,
+             "aliased": m.alias_size_in_bytes}
+    parts["total"] = parts["arguments"] + parts["outputs"] + parts["temp"] + parts["code"] - parts["aliased"]
+    cost = compiled.cost_analysis() or {}
+    flops = cost.get("flops")
+    accessed = cost.get("bytes accessed")
+    return {"bytes_per_chip": {k: int(v) for k, v in parts.items()},
+            # The compiled program is one chip's (SPMD): the mesh does `chips` of them.
+            "flops": None if flops is None else float(flops) * chips,
+            "bytes_accessed_per_chip": None if accessed is None else float(accessed)}
+
+
+def row(what: str, lower: Callable, global_batch: int, chips: int, chip: Chip, policy,
+        hlo_dir: Path | None = None) -> dict:
+    """Lower and compile one function (`lower()` -> jax Lowered); a failed compile is a row
+    with `compiled: false` and the compiler's first line as `error`."""
+    out = {"what": what, "global_batch": global_batch, "per_chip_batch": global_batch // chips,
+           "compiled": False, "error": None, "flops": None,
+           "bytes_per_chip": None, "hbm_per_chip": chip.hbm_bytes, "fits": False,
+           "roofline_s": None, "compile_s": None}
+    t0 = time.perf_counter()
+    try:
+        lowered = lower()
+        if hlo_dir is not None:
+            from smfnet_jax.fileio import atomic_write
+            text = lowered.as_text()
+            atomic_write(hlo_dir / f"{what}.mlir", lambda f: f.write(text.encode()))
+        compiled = lowered.compile()
+    except Exception as e:  # the compiler's verdict is the result (e.g. out of HBM)
+        out["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        out["compile_s"] = round(time.perf_counter() - t0, 1)
+        return out
+    got = measure(compiled, chips)
+    out.update(compiled=True, compile_s=round(time.perf_counter() - t0, 1), flops=got["flops"],
+               bytes_per_chip=got["bytes_per_chip"],
+               fits=chip.compiler_checks_hbm or got["bytes_per_chip"]["total"] <= fit_limit(chip))
+    if got["flops"] is not None:
+        compute = got["flops"] / chips / peak_flops(chip, policy)
+        memory = (got["bytes_accessed_per_chip"] or 0.0) / chip.hbm_bandwidth
+        out["roofline_s"] = max(compute, memory)
+    return out
+
+
+def fit_limit(chip: Chip) -> float:
+    """Per-chip bytes a program may total: the usable HBM; unbounded where the compiler
+    itself refuses what does not fit (TPUs: compiled means it fits)."""
+    return math.inf if chip.compiler_checks_hbm else chip.usable * chip.hbm_bytes
+
+
+def is_out_of_memory(r: dict) -> bool:
+    """A row whose compile failed because the program does not fit (TPU compilers refuse)."""
+    err = (r.get("error") or "").lower()
+    return not r["compiled"] and any(w in err for w in ("resource_exhausted", "out of memory",
+                                                        "exceeds", "hbm"))
+
+
+def largest_fitting(total_bytes: Callable[[int], int | None], limit: float, start: int,
+                    cap: int = 4096) -> tuple[int, dict[int, int | None]]:
+    """The largest n in 1..cap with total_bytes(n) <= limit, for a total_bytes that grows
+    with n (None: did not compile for lack of memory); 0 when n=1 does not fit.
+
+    Each call is a compile, so it asks few: the straight line through the last two
+    compiled sizes (memory is close to affine in the batch) predicts the boundary, and a
+    prediction at the largest size known to fit checks the one above it. Where there is no
+    line, where a refusal disproves it, or where a step did not halve the bracket [fits,
+    does not fit]: doubling from `start`, else bisection. Returns (n, {n: bytes} of every call).
+    """
+    seen: dict[int, int | None] = {}
+
+    def fits(n: int) -> bool:
+        if n not in seen:
+            seen[n] = total_bytes(n)
+        return seen[n] is not None and seen[n] <= limit
+
+    def line_prediction() -> int | None:
+        recent = [n for n in seen if seen[n] is not None][-2:]  # the secant's two points
+        if len(recent) < 2 or seen[max(recent)] <= seen[min(recent)] or not math.isfinite(limit):
+            return None  # no line, or only the compiler's verdict (limit inf): no prediction
+        n0, n1 = sorted(recent)
+        b0, b1 = seen[n0], seen[n1]
+        return n0 + math.floor((limit - b0) * (n1 - n0) / (b1 - b0))
+
+    lo, hi = 0, cap + 1  # n <= lo fits (0: none known yet), n >= hi does not
+    guess, width = max(1, min(start, cap)), cap + 1
+    while True:
+        if fits(guess):
+            lo = guess
+        else:
+            hi = guess
+        if hi - lo <= 1:
+            return lo, seen
+        halved, width = hi - lo <= width / 2, hi - lo
+        p = line_prediction()
+        if p is None or p >= hi or not (halved or hi > cap or lo == 0):
+            # no line, a line that the last refusal disproves, or slow progress
+            guess = min(cap, 2 * lo) if hi > cap and lo else (lo + hi) // 2
+        else:
+            guess = max(p, lo + 1)  # a prediction at lo: check the size above it
+
+
+# --------------------------------------------------------------------------- the plan
+TRAIN_ROWS = ("phase1", "phase2")
+
+
+def plan(target: Target, *, batch: int | None = None, size: int = 128, precision: str = "highest",
+         dtype: str = "float32", rows: tuple[str, ...] = ("phase1", "phase2", "fuse"),
+         fuse_sizes: tuple[tuple[int, int], ...] = ((480, 640), (1024, 1024)),
+         fit: bool = True, hlo_dir: Path | None = None, log: Callable[[str], None] = print) -> dict:
+    """Compile the target's rows (module doc); returns the JSON document."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from smfnet_jax.api import Fuser
+    from smfnet_jax.model import create_model
+    from smfnet_jax.policy import resolve
+    from train.configs import msrs
+    from train.step import init_train_state, jit_train_step, learning_rates
+
+    devices = target_devices(target)
+    chips = len(devices)
+    hosts = len({d.process_index for d in devices})
+    mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+    policy = resolve(None, precision=precision, dtype=dtype,
+                     platform="tpu" if target.platform == "tpu" else "cuda")
+    cfg = msrs.get_config()
+    cfg.precision, cfg.compute_dtype = precision, dtype
+    global_batch = batch or cfg.batch_size * chips
+    if global_batch % chips:
+        raise ValueError(f"--batch {global_batch} must be a multiple of the {chips} chips of {target.name}")
+    doc = {"target": target.name, "description": target.description, "device_kind": str(devices[0].device_kind),
+           "chips": chips, "hosts": hosts, "policy": policy.describe(), "train_size": size,
+           "executed": False, "rows": [], "largest_fitting": {}}
+    log(f"train.plan: {target.name} ({target.description}; {doc['device_kind']}, {chips} chips, "
+        f"{hosts} host(s), {target.chip.hbm_bytes / GiB:.1f} GiB per chip); {policy.describe()}. "
+        "Compiled only: nothing is executed.")
+    model = create_model(0, policy)
+
+    def compiled_row(what, lower, gb):
+        log(f"  compiling {what} at global batch {gb} ...")
+        r = row(what, lower, gb, chips, target.chip, policy, hlo_dir)
+        log(f"  {what}: " + (f"{r['bytes_per_chip']['total'] / GiB:.3f} GiB per chip, "
+                            f"{'fits' if r['fits'] else 'does not fit'} ({r['compile_s']} s)"
+                            if r["compiled"] else f"not compiled: {r['error']}"))
+        return r
+
+    graphdef, state = init_train_state(model, cfg, policy)
+    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype), state)
+    lrs = {k: jax.ShapeDtypeStruct((), jnp.float32) for k in learning_rates(0, cfg)}
+    for what in TRAIN_ROWS:
+        if what not in rows:
+            continue
+        step = jit_train_step(graphdef, int(what[-1]), cfg, mesh)
+
+        def lower(gb, step=step):
+            img = jax.ShapeDtypeStruct((gb, size, size, 1), jnp.float32)
+            return lambda: step.lower(state, img, img, lrs)
+
+        first = compiled_row(what, lower(global_batch), global_batch)
+        doc["rows"].append(first)
+        if fit and (first["compiled"] or is_out_of_memory(first)):
+            def total(per_chip, lower=lower, what=what):
+                if per_chip == first["per_chip_batch"]:
+                    r = first
+                else:
+                    r = compiled_row(f"{what}", lower(per_chip * chips), per_chip * chips)
+                if r["compiled"]:
+                    return r["bytes_per_chip"]["total"]
+                if is_out_of_memory(r):
+                    return None
+                raise RuntimeError(f"{what} at per-chip batch {per_chip}: {r['error']}")
+            n, seen = largest_fitting(total, fit_limit(target.chip), first["per_chip_batch"])
+            doc["largest_fitting"][what] = {"per_chip_batch": n, "global_batch": n * chips,
+                                           "bytes_per_chip": seen.get(n), "compiles": len(seen)}
+    if "fuse" in rows:
+        fuser = Fuser(model, policy=policy)
+        for h, w in fuse_sizes:
+            doc["rows"].append(compiled_row(f"fuse_{h}x{w}", lambda h=h, w=w: fuser.lower(h, w, chips, mesh=mesh),
+                                            chips))
+    return doc
+
+
+def format_plan(doc: dict) -> str:
+    parts = ("arguments", "outputs", "temp", "code", "total")
+    lines = [f"{doc['target']}: {doc['chips']} x {doc['device_kind']}, {doc['hosts']} host(s); "
+             f"{doc['policy']}; compiled, not run",
+             f"{'what':<16}{'global':>7}{'/chip':>6}" + "".join(
+                 f"{h + ' MiB':>11}" for h in ("args", "out", "temp", "code", "total"))
+             + f"{'HBM GiB':>9}{'fits':>5}{'GFLOP':>10}{'roofline':>10}"]
+    for r in doc["rows"]:
+        b = r["bytes_per_chip"]
+        sizes = "".join(f"{b[k] / 2**20:11.1f}" if b else f"{'-':>11}" for k in parts)
+        flops = f"{r['flops'] / 1e9:10.1f}" if r["flops"] is not None else f"{'-':>10}"
+        roof = f"{r['roofline_s'] * 1e3:8.2f}ms" if r["roofline_s"] is not None else f"{'-':>10}"
+        lines.append(f"{r['what']:<16}{r['global_batch']:>7}{r['per_chip_batch']:>6}{sizes}"
+                     f"{r['hbm_per_chip'] / GiB:9.1f}{('yes' if r['fits'] else 'no'):>5}{flops}{roof}"
+                     + ("" if r["compiled"] else f"  NOT COMPILED: {r['error']}"))
+    for what, f in doc["largest_fitting"].items():
+        lines.append(f"largest per-chip batch that fits, {what}: {f['per_chip_batch']} "
+                     f"(global {f['global_batch']}; {f['compiles']} compiles)")
+    lines.append("Nothing was executed: these are the compiler's figures for the target.")
+    return "\n".join(lines)
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected HxW, e.g. 480x640") from None
+    return h, w
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # this machine computes nothing; targets are compile-only
+    from smfnet_jax.cli import program_name
+    from smfnet_jax.policy import PRECISION_HELP, PRECISIONS
+    p = argparse.ArgumentParser(prog=program_name("train.plan"), description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", required=True, choices=sorted(TARGETS), metavar="T",
+                   help="one of: " + ", ".join(f"{k} ({t.description})" for k, t in TARGETS.items()))
+    p.add_argument("--batch", type=int, help="global train batch (default: 6 per chip, the recipe's)")
+    p.add_argument("--size", type=int, default=128, help="train patch size (default 128, the recipe's)")
+    p.add_argument("--precision", choices=PRECISIONS, default="highest", help=PRECISION_HELP)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="compute dtype (bfloat16: float32 master weights, bf16 compute)")
+    p.add_argument("--rows", default="phase1,phase2,fuse",
+                   help="what to compile, comma-separated of phase1, phase2, fuse (default all)")
+    p.add_argument("--fuse-sizes", default="480x640,1024x1024", help="fusion rows' pair sizes, HxW")
+    p.add_argument("--no-fit", action="store_true",
+                   help="skip the search for the largest per-chip batch that fits (several compiles per phase)")
+    p.add_argument("--json", help="write the plan to this file")
+    p.add_argument("--hlo-dir", help="write each compiled function's StableHLO as DIR/<what>.mlir")
+    args = p.parse_args(argv)
+    rows = tuple(r.strip() for r in args.rows.split(",") if r.strip())
+    bad = [r for r in rows if r not in (*TRAIN_ROWS, "fuse")]
+    if bad or not rows:
+        p.error(f"--rows {args.rows!r}: expected some of phase1, phase2, fuse")
+    try:
+        fuse_sizes = tuple(_size(s) for s in args.fuse_sizes.split(","))
+    except argparse.ArgumentTypeError as e:
+        p.error(f"--fuse-sizes: {e}")
+    if args.batch is not None and args.batch < 1 or args.size < 8:
+        p.error("--batch must be >= 1 and --size >= 8")
+    target = TARGETS[args.target]
+    missing = missing_package(target)
+    if missing:
+        print(f"error: {missing}", file=sys.stderr)
+        return 2
+    hlo_dir = Path(args.hlo_dir) if args.hlo_dir else None
+    if hlo_dir:
+        hlo_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        doc = plan(target, batch=args.batch, size=args.size, precision=args.precision, dtype=args.dtype,
+                   rows=rows, fuse_sizes=fuse_sizes, fit=not args.no_fit, hlo_dir=hlo_dir,
+                   log=lambda s: print(s, file=sys.stderr, flush=True))
+    except ValueError as e:
+        p.error(str(e))
+    print(format_plan(doc))
+    if args.json:
+        from smfnet_jax.fileio import atomic_write_json
+        atomic_write_json(args.json, doc, indent=1)
+    return 0 if all(r["compiled"] or is_out_of_memory(r) for r in doc["rows"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
