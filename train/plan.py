@@ -291,9 +291,9 @@ def plan(target: Target, *, batch: int | None = None, size: int = 128, precision
         "Compiled only: nothing is executed.")
     model = create_model(0, policy)
 
-    def compiled_row(what, lower, gb):
+    def compiled_row(what, lower, gb, write_hlo=True):
         log(f"  compiling {what} at global batch {gb} ...")
-        r = row(what, lower, gb, chips, target.chip, policy, hlo_dir)
+        r = row(what, lower, gb, chips, target.chip, policy, hlo_dir if write_hlo else None)
         log(f"  {what}: " + (f"{r['bytes_per_chip']['total'] / GiB:.3f} GiB per chip, "
                             f"{'fits' if r['fits'] else 'does not fit'} ({r['compile_s']} s)"
                             if r["compiled"] else f"not compiled: {r['error']}"))
@@ -318,7 +318,8 @@ def plan(target: Target, *, batch: int | None = None, size: int = 128, precision
                 if per_chip == first["per_chip_batch"]:
                     r = first
                 else:
-                    r = compiled_row(f"{what}", lower(per_chip * chips), per_chip * chips)
+                    # the search's compiles leave --hlo-dir's file the requested batch's
+                    r = compiled_row(what, lower(per_chip * chips), per_chip * chips, write_hlo=False)
                 if r["compiled"]:
                     return r["bytes_per_chip"]["total"]
                 if is_out_of_memory(r):
@@ -367,6 +368,8 @@ def _size(text: str) -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # this machine computes nothing; targets are compile-only
+    # Compiling needs no TPU, so no exclusive hold on one: two plans may run at once.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from smfnet_jax.cli import program_name
     from smfnet_jax.policy import PRECISION_HELP, PRECISIONS
     p = argparse.ArgumentParser(prog=program_name("train.plan"), description=__doc__,
@@ -401,6 +404,9 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"error: {missing}", file=sys.stderr)
         return 2
+    import jax
+    # Compile-only executables cannot be loaded back: keep them out of a persistent cache.
+    jax.config.update("jax_enable_compilation_cache", False)
     hlo_dir = Path(args.hlo_dir) if args.hlo_dir else None
     if hlo_dir:
         hlo_dir.mkdir(parents=True, exist_ok=True)
