@@ -10,7 +10,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from train import plan as plan_lib
@@ -136,7 +135,7 @@ def _cpu_flops_of_phase2(batch, size, precision):
     cfg.precision = precision
     policy = resolve("xla", precision=precision)
     graphdef, state = init_train_state(create_model(0, policy), cfg, policy)
-    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype), state)
+    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
     img = jax.ShapeDtypeStruct((batch, size, size, 1), jnp.float32)
     lrs = {k: jax.ShapeDtypeStruct((), jnp.float32) for k in learning_rates(0, cfg)}
     lowered = jax.jit(make_train_step(graphdef, 2, cfg)).lower(state, img, img, lrs)

@@ -183,7 +183,8 @@ def row(what: str, lower: Callable, global_batch: int, chips: int, chip: Chip, p
             atomic_write(hlo_dir / f"{what}.mlir", lambda f: f.write(text.encode()))
         compiled = lowered.compile()
     except Exception as e:  # the compiler's verdict is the result (e.g. out of HBM)
-        out["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        from smfnet_jax.checkpoint import error_head
+        out["error"] = f"{type(e).__name__}: {error_head(e, limit=1000)}"
         out["compile_s"] = round(time.perf_counter() - t0, 1)
         return out
     got = measure(compiled, chips)
@@ -300,7 +301,7 @@ def plan(target: Target, *, batch: int | None = None, size: int = 128, precision
         return r
 
     graphdef, state = init_train_state(model, cfg, policy)
-    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype), state)
+    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
     lrs = {k: jax.ShapeDtypeStruct((), jnp.float32) for k in learning_rates(0, cfg)}
     for what in TRAIN_ROWS:
         if what not in rows:
