@@ -28,6 +28,7 @@ import argparse
 import dataclasses
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -160,7 +161,10 @@ def measure(compiled, chips: int) -> dict:
     cost = compiled.cost_analysis() or {}
     flops = cost.get("flops")
     accessed = cost.get("bytes accessed")
-    return {"bytes_per_chip": {k: int(v) for k, v in parts.items()},
+    bytes_per_chip = {k: int(v) for k, v in parts.items()}
+    # The compiler's own peak of live buffers (libtpu fills it; 0 where a compiler gives none).
+    bytes_per_chip["peak"] = int(getattr(m, "peak_memory_in_bytes", 0)) or None
+    return {"bytes_per_chip": bytes_per_chip,
             # The compiled program is one chip's (SPMD): the mesh does `chips` of them.
             "flops": None if flops is None else float(flops) * chips,
             "bytes_accessed_per_chip": None if accessed is None else float(accessed)}
@@ -185,6 +189,9 @@ def row(what: str, lower: Callable, global_batch: int, chips: int, chip: Chip, p
     except Exception as e:  # the compiler's verdict is the result (e.g. out of HBM)
         from smfnet_jax.checkpoint import error_head
         out["error"] = f"{type(e).__name__}: {error_head(e, limit=1000)}"
+        refused = refusal_bytes(str(e))
+        if refused:  # the TPU compiler's own count of what the program needed
+            out["needed_per_chip"] = refused[0]
         out["compile_s"] = round(time.perf_counter() - t0, 1)
         return out
     got = measure(compiled, chips)
@@ -211,30 +218,72 @@ def is_out_of_memory(r: dict) -> bool:
                                                         "exceeds", "hbm"))
 
 
-def largest_fitting(total_bytes: Callable[[int], int | None], limit: float, start: int,
-                    cap: int = 4096) -> tuple[int, dict[int, int | None]]:
-    """The largest n in 1..cap with total_bytes(n) <= limit, for a total_bytes that grows
-    with n (None: did not compile for lack of memory); 0 when n=1 does not fit.
+# libtpu's refusals, e.g. "Used 15.79G of 15.75G hbm." (a program) and "the total memory required
+# for HLO temporaries (2.00T) exceeds available HBM (15.75G)." (buffers alone); G is GiB.
+_REFUSAL = re.compile(r"Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm"
+                      r"|required for HLO temporaries \(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)")
 
-    Each call is a compile, so it asks few: the straight line through the last two
-    compiled sizes (memory is close to affine in the batch) predicts the boundary, and a
-    prediction at the largest size known to fit checks the one above it. Where there is no
-    line, where a refusal disproves it, or where a step did not halve the bracket [fits,
-    does not fit]: doubling from `start`, else bisection. Returns (n, {n: bytes} of every call).
+
+def refusal_bytes(error: str | None) -> tuple[int, int] | None:
+    """(needed, available) bytes per chip from a TPU compiler's out-of-HBM message, or None."""
+    m = _REFUSAL.search(error or "")
+    if not m:
+        return None
+    v = [g for g in m.groups() if g is not None]
+    unit = lambda number, suffix: round(float(number) * 1024 ** "KMGT".index(suffix) * 1024)
+    return unit(v[0], v[1]), unit(v[2], v[3])
+
+
+def compiler_hbm(devices: list) -> int | None:
+    """The HBM a TPU compiler lets one program have per chip (a v5e's 16 GiB: 15.75), as it
+    says when refusing a 1 TiB array (a compile of a few seconds); None where it says nothing."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    one = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices[:1]), ("chip",)),
+                                     jax.sharding.PartitionSpec())
+    huge = jax.ShapeDtypeStruct((2**28, 1024), jnp.float32)
+    try:
+        jax.jit(lambda a: a * 2, in_shardings=one, out_shardings=one).lower(huge).compile()
+    except Exception as e:  # the refusal is the answer
+        got = refusal_bytes(str(e))
+        return got and got[1]
+    return None
+
+
+def largest_fitting(probe: Callable[[int], tuple[bool, float | None]], limit: float, start: int,
+                    cap: int = 4096, at_zero: float | None = None
+                    ) -> tuple[int, dict[int, tuple[bool, float | None]]]:
+    """The largest n in 1..cap that fits, for a program whose memory grows with n; 0 when
+    n=1 does not fit. `probe(n)` compiles at n and returns (fits, bytes): the verdict and
+    the per-chip bytes it was judged by (GPU: the memory analysis' total against `limit`;
+    TPU: the compiler's own account, its peak or what its refusal says was needed), None
+    where unknown.
+
+    Each probe is a compile, so it asks few: the straight line through the last two sizes
+    with bytes (memory is close to affine in the batch; with one size, through it and
+    `at_zero`, the bytes that do not grow with the batch: state and code) predicts where
+    bytes reach `limit`, and a prediction at the largest size known to fit checks the one
+    above it. Where there is no line, where the bracket [fits, does not fit] disproves it,
+    or where a step did not halve the bracket: doubling from `start`, else bisection.
+    Returns (n, {n: probe(n)}).
     """
-    seen: dict[int, int | None] = {}
+    seen: dict[int, tuple[bool, float | None]] = {}
 
     def fits(n: int) -> bool:
         if n not in seen:
-            seen[n] = total_bytes(n)
-        return seen[n] is not None and seen[n] <= limit
+            seen[n] = probe(n)
+        return seen[n][0]
 
     def line_prediction() -> int | None:
-        recent = [n for n in seen if seen[n] is not None][-2:]  # the secant's two points
-        if len(recent) < 2 or seen[max(recent)] <= seen[min(recent)] or not math.isfinite(limit):
-            return None  # no line, or only the compiler's verdict (limit inf): no prediction
-        n0, n1 = sorted(recent)
-        b0, b1 = seen[n0], seen[n1]
+        points = [(n, seen[n][1]) for n in seen if seen[n][1] is not None][-2:]  # the secant's
+        if len(points) == 1 and at_zero is not None:
+            points.insert(0, (0, at_zero))
+        if len(points) < 2 or not math.isfinite(limit):
+            return None
+        (n0, b0), (n1, b1) = sorted(points)
+        if b1 <= b0:
+            return None
         return n0 + math.floor((limit - b0) * (n1 - n0) / (b1 - b0))
 
     lo, hi = 0, cap + 1  # n <= lo fits (0: none known yet), n >= hi does not
@@ -248,8 +297,8 @@ def largest_fitting(total_bytes: Callable[[int], int | None], limit: float, star
             return lo, seen
         halved, width = hi - lo <= width / 2, hi - lo
         p = line_prediction()
-        if p is None or p >= hi or not (halved or hi > cap or lo == 0):
-            # no line, a line that the last refusal disproves, or slow progress
+        if p is None or p >= hi or p < lo or not (halved or hi > cap or lo == 0):
+            # no line, a line that the bracket disproves, or slow progress
             guess = min(cap, 2 * lo) if hi > cap and lo else (lo + hi) // 2
         else:
             guess = max(p, lo + 1)  # a prediction at lo: check the size above it
@@ -259,11 +308,18 @@ def largest_fitting(total_bytes: Callable[[int], int | None], limit: float, star
 TRAIN_ROWS = ("phase1", "phase2")
 
 
+class SearchFailed(RuntimeError):
+    """A compile of the fitting search failed for another reason than memory."""
+
+
 def plan(target: Target, *, batch: int | None = None, size: int = 128, precision: str = "highest",
          dtype: str = "float32", rows: tuple[str, ...] = ("phase1", "phase2", "fuse"),
          fuse_sizes: tuple[tuple[int, int], ...] = ((480, 640), (1024, 1024)),
-         fit: bool = True, hlo_dir: Path | None = None, log: Callable[[str], None] = print) -> dict:
-    """Compile the target's rows (module doc); returns the JSON document."""
+         fit: bool = True, hlo_dir: Path | None = None, log: Callable[[str], None] = print,
+         on_update: Callable[[dict], None] = lambda doc: None) -> dict:
+    """Compile the target's rows (module doc); returns the JSON document, which
+    `on_update(doc)` also gets after each compile (`"complete": false` until the last), so an
+    interrupted plan keeps what it compiled."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -286,22 +342,41 @@ def plan(target: Target, *, batch: int | None = None, size: int = 128, precision
         raise ValueError(f"--batch {global_batch} must be a multiple of the {chips} chips of {target.name}")
     doc = {"target": target.name, "description": target.description, "device_kind": str(devices[0].device_kind),
            "chips": chips, "hosts": hosts, "policy": policy.describe(), "train_size": size,
-           "executed": False, "rows": [], "largest_fitting": {}}
+           "executed": False, "complete": False, "rows": [], "largest_fitting": {}}
     log(f"train.plan: {target.name} ({target.description}; {doc['device_kind']}, {chips} chips, "
         f"{hosts} host(s), {target.chip.hbm_bytes / GiB:.1f} GiB per chip); {policy.describe()}. "
         "Compiled only: nothing is executed.")
     model = create_model(0, policy)
+    # What the fitting search aims the bytes at: the usable HBM (GPU), or what the TPU
+    # compiler lets a program have (below the chip's HBM: 15.75 of a v5e's 16 GiB).
+    limit = fit_limit(target.chip)
+    if target.chip.compiler_checks_hbm:
+        limit = compiler_hbm(devices) or target.chip.hbm_bytes
+        doc["hbm_available_per_chip"] = limit
+        log(f"  the compiler lets one program have {limit / GiB:.2f} GiB per chip")
+
+    def judged_bytes(r):
+        """The bytes a row's fit is judged by: the memory analysis' total (GPU), the TPU
+        compiler's own account (its peak; for a refusal, what it said was needed)."""
+        if not target.chip.compiler_checks_hbm:
+            return r["bytes_per_chip"]["total"] if r["compiled"] else None
+        if r["compiled"]:
+            return r["bytes_per_chip"]["peak"]
+        return r.get("needed_per_chip")
 
     def compiled_row(what, lower, gb, write_hlo=True):
         log(f"  compiling {what} at global batch {gb} ...")
         r = row(what, lower, gb, chips, target.chip, policy, hlo_dir if write_hlo else None)
-        log(f"  {what}: " + (f"{r['bytes_per_chip']['total'] / GiB:.3f} GiB per chip, "
-                            f"{'fits' if r['fits'] else 'does not fit'} ({r['compile_s']} s)"
+        peak = r["bytes_per_chip"] and r["bytes_per_chip"]["peak"]
+        log(f"  {what}: " + (f"{r['bytes_per_chip']['total'] / GiB:.3f} GiB per chip"
+                            + (f" (peak {peak / GiB:.3f})" if peak else "")
+                            + f", {'fits' if r['fits'] else 'does not fit'} ({r['compile_s']} s)"
                             if r["compiled"] else f"not compiled: {r['error']}"))
         return r
 
     graphdef, state = init_train_state(model, cfg, policy)
     state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))  # whole on each chip
     lrs = {k: jax.ShapeDtypeStruct((), jnp.float32) for k in learning_rates(0, cfg)}
     for what in TRAIN_ROWS:
         if what not in rows:
@@ -314,39 +389,53 @@ def plan(target: Target, *, batch: int | None = None, size: int = 128, precision
 
         first = compiled_row(what, lower(global_batch), global_batch)
         doc["rows"].append(first)
+        on_update(doc)
         if fit and (first["compiled"] or is_out_of_memory(first)):
-            def total(per_chip, lower=lower, what=what):
+            probes = []  # every compile of the search, as it happens
+            doc["largest_fitting"][what] = {"probes": probes}
+
+            def probe(per_chip, lower=lower, what=what, probes=probes):
                 if per_chip == first["per_chip_batch"]:
                     r = first
                 else:
                     # the search's compiles leave --hlo-dir's file the requested batch's
                     r = compiled_row(what, lower(per_chip * chips), per_chip * chips, write_hlo=False)
-                if r["compiled"]:
-                    return r["bytes_per_chip"]["total"]
-                if is_out_of_memory(r):
-                    return None
-                raise RuntimeError(f"{what} at per-chip batch {per_chip}: {r['error']}")
-            n, seen = largest_fitting(total, fit_limit(target.chip), first["per_chip_batch"])
-            doc["largest_fitting"][what] = {"per_chip_batch": n, "global_batch": n * chips,
-                                           "bytes_per_chip": seen.get(n), "compiles": len(seen)}
+                if not (r["compiled"] or is_out_of_memory(r)):
+                    raise SearchFailed(f"{what} at per-chip batch {per_chip}: {r['error']}")
+                probes.append({"per_chip_batch": per_chip, "fits": r["fits"], "bytes": judged_bytes(r),
+                               "total": r["bytes_per_chip"] and r["bytes_per_chip"]["total"],
+                               "compile_s": r["compile_s"]})
+                on_update(doc)
+                return r["fits"], judged_bytes(r)
+            # what does not grow with the batch: the (donated) state and the program; for a
+            # refused first compile, the state alone
+            b = first["bytes_per_chip"]
+            fixed = b["arguments"] + b["code"] if b else state_bytes
+            n, seen = largest_fitting(probe, limit, first["per_chip_batch"], at_zero=fixed)
+            doc["largest_fitting"][what].update(
+                per_chip_batch=n, global_batch=n * chips, bytes_per_chip=seen[n][1] if n in seen else None,
+                compiles=len(seen))
+            on_update(doc)
     if "fuse" in rows:
         fuser = Fuser(model, policy=policy)
         for h, w in fuse_sizes:
             doc["rows"].append(compiled_row(f"fuse_{h}x{w}", lambda h=h, w=w: fuser.lower(h, w, chips, mesh=mesh),
                                             chips))
+            on_update(doc)
+    doc["complete"] = True
     return doc
 
 
 def format_plan(doc: dict) -> str:
-    parts = ("arguments", "outputs", "temp", "code", "total")
+    parts = ("arguments", "outputs", "temp", "code", "total", "peak")
     lines = [f"{doc['target']}: {doc['chips']} x {doc['device_kind']}, {doc['hosts']} host(s); "
              f"{doc['policy']}; compiled, not run",
              f"{'what':<16}{'global':>7}{'/chip':>6}" + "".join(
-                 f"{h + ' MiB':>11}" for h in ("args", "out", "temp", "code", "total"))
+                 f"{h + ' MiB':>11}" for h in ("args", "out", "temp", "code", "total", "peak"))
              + f"{'HBM GiB':>9}{'fits':>5}{'GFLOP':>10}{'roofline':>10}"]
     for r in doc["rows"]:
         b = r["bytes_per_chip"]
-        sizes = "".join(f"{b[k] / 2**20:11.1f}" if b else f"{'-':>11}" for k in parts)
+        sizes = "".join(f"{b[k] / 2**20:11.1f}" if b and b.get(k) else f"{'-':>11}" for k in parts)
         flops = f"{r['flops'] / 1e9:10.1f}" if r["flops"] is not None else f"{'-':>10}"
         roof = f"{r['roofline_s'] * 1e3:8.2f}ms" if r["roofline_s"] is not None else f"{'-':>10}"
         lines.append(f"{r['what']:<16}{r['global_batch']:>7}{r['per_chip_batch']:>6}{sizes}"
@@ -411,16 +500,19 @@ def main(argv: list[str] | None = None) -> int:
     hlo_dir = Path(args.hlo_dir) if args.hlo_dir else None
     if hlo_dir:
         hlo_dir.mkdir(parents=True, exist_ok=True)
+    from smfnet_jax.fileio import atomic_write_json
+    write = (lambda doc: atomic_write_json(args.json, doc, indent=1)) if args.json else (lambda doc: None)
     try:
         doc = plan(target, batch=args.batch, size=args.size, precision=args.precision, dtype=args.dtype,
                    rows=rows, fuse_sizes=fuse_sizes, fit=not args.no_fit, hlo_dir=hlo_dir,
-                   log=lambda s: print(s, file=sys.stderr, flush=True))
+                   log=lambda s: print(s, file=sys.stderr, flush=True), on_update=write)
     except ValueError as e:
         p.error(str(e))
+    except SearchFailed as e:  # --json keeps what compiled before it
+        print(f"error: the fitting search stopped: {e}", file=sys.stderr)
+        return 1
     print(format_plan(doc))
-    if args.json:
-        from smfnet_jax.fileio import atomic_write_json
-        atomic_write_json(args.json, doc, indent=1)
+    write(doc)
     return 0 if all(r["compiled"] or is_out_of_memory(r) for r in doc["rows"]) else 1
 
 
