@@ -30,28 +30,10 @@ import time
 from pathlib import Path
 
 from smfnet_jax.policy import IMPL_ENV, IMPL_HELP, PRECISION_HELP, PRECISIONS, resolve
-from smfnet_jax.cli import exit_on_environment_error
+from smfnet_jax.cli import exit_on_environment_error, parse_sizes
 from smfnet_jax.fileio import atomic_write_json
 
 KEYS = ("compile_s", "seconds_per_pair", "pixels_per_s", "gflops", "peak_rss_mb")
-
-
-def parse_sizes(text: str) -> list[tuple[int, int]]:
-    sizes = []
-    for item in text.split(","):
-        item = item.strip().lower()
-        if not item:
-            continue
-        try:
-            h, w = (int(v) for v in item.split("x"))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"bad size {item!r}: expected HxW, e.g. 480x640") from None
-        if h < 1 or w < 1:
-            raise argparse.ArgumentTypeError(f"bad size {item!r}: both sides must be positive")
-        sizes.append((h, w))
-    if not sizes:
-        raise argparse.ArgumentTypeError("no sizes given")
-    return sizes
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,6 +1,7 @@
 """What the command-line tools share that is not about images or models."""
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
@@ -16,6 +17,25 @@ def program_name(module: str) -> str:
     name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     name = name[:-4] if name.lower().endswith(".exe") else name  # Windows launchers
     return name if name.startswith("smfnet-") else f"python -m {module}"
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """An argparse type: "480x640,1024x1024" -> [(480, 640), (1024, 1024)]."""
+    sizes = []
+    for item in text.split(","):
+        item = item.strip().lower()
+        if not item:
+            continue
+        try:
+            h, w = (int(v) for v in item.split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad size {item!r}: expected HxW, e.g. 480x640") from None
+        if h < 1 or w < 1:
+            raise argparse.ArgumentTypeError(f"bad size {item!r}: both sides must be positive")
+        sizes.append((h, w))
+    if not sizes:
+        raise argparse.ArgumentTypeError("no sizes given")
+    return sizes
 
 
 def environment_error() -> str | None:

@@ -448,19 +448,11 @@ def format_plan(doc: dict) -> str:
     return "\n".join(lines)
 
 
-def _size(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected HxW, e.g. 480x640") from None
-    return h, w
-
-
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # this machine computes nothing; targets are compile-only
     # Compiling needs no TPU, so no exclusive hold on one: two plans may run at once.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    from smfnet_jax.cli import program_name
+    from smfnet_jax.cli import parse_sizes, program_name
     from smfnet_jax.policy import PRECISION_HELP, PRECISIONS
     p = argparse.ArgumentParser(prog=program_name("train.plan"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -473,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="compute dtype (bfloat16: float32 master weights, bf16 compute)")
     p.add_argument("--rows", default="phase1,phase2,fuse",
                    help="what to compile, comma-separated of phase1, phase2, fuse (default all)")
-    p.add_argument("--fuse-sizes", default="480x640,1024x1024", help="fusion rows' pair sizes, HxW")
+    p.add_argument("--fuse-sizes", type=parse_sizes, default=parse_sizes("480x640,1024x1024"),
+                   help="fusion rows' pair sizes, HxW, comma-separated (default 480x640,1024x1024)")
     p.add_argument("--no-fit", action="store_true",
                    help="skip the search for the largest per-chip batch that fits (several compiles per phase)")
     p.add_argument("--json", help="write the plan to this file")
@@ -483,10 +476,6 @@ def main(argv: list[str] | None = None) -> int:
     bad = [r for r in rows if r not in (*TRAIN_ROWS, "fuse")]
     if bad or not rows:
         p.error(f"--rows {args.rows!r}: expected some of phase1, phase2, fuse")
-    try:
-        fuse_sizes = tuple(_size(s) for s in args.fuse_sizes.split(","))
-    except argparse.ArgumentTypeError as e:
-        p.error(f"--fuse-sizes: {e}")
     if args.batch is not None and args.batch < 1 or args.size < 8:
         p.error("--batch must be >= 1 and --size >= 8")
     target = TARGETS[args.target]
@@ -504,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     write = (lambda doc: atomic_write_json(args.json, doc, indent=1)) if args.json else (lambda doc: None)
     try:
         doc = plan(target, batch=args.batch, size=args.size, precision=args.precision, dtype=args.dtype,
-                   rows=rows, fuse_sizes=fuse_sizes, fit=not args.no_fit, hlo_dir=hlo_dir,
+                   rows=rows, fuse_sizes=tuple(args.fuse_sizes), fit=not args.no_fit, hlo_dir=hlo_dir,
                    log=lambda s: print(s, file=sys.stderr, flush=True), on_update=write)
     except ValueError as e:
         p.error(str(e))
