@@ -402,11 +402,12 @@ def plan(target: Target, *, batch: int | None = None, size: int = 128, precision
                     r = compiled_row(what, lower(per_chip * chips), per_chip * chips, write_hlo=False)
                 if not (r["compiled"] or is_out_of_memory(r)):
                     raise SearchFailed(f"{what} at per-chip batch {per_chip}: {r['error']}")
-                probes.append({"per_chip_batch": per_chip, "fits": r["fits"], "bytes": judged_bytes(r),
+                judged = judged_bytes(r)
+                probes.append({"per_chip_batch": per_chip, "fits": r["fits"], "bytes": judged,
                                "total": r["bytes_per_chip"] and r["bytes_per_chip"]["total"],
                                "compile_s": r["compile_s"]})
                 on_update(doc)
-                return r["fits"], judged_bytes(r)
+                return r["fits"], judged
             # what does not grow with the batch: the (donated) state and the program; for a
             # refused first compile, the state alone
             b = first["bytes_per_chip"]
