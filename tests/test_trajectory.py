@@ -40,8 +40,10 @@ STEP1_OPEN = {
                 "(4 of 25); measured 2026-12-03",
     "roadscene_s12": "ours 1328, 1369, 12, 1358, 2 over the five roundings, the original 22, 10, 21, 1112, 100: "
                      "one tie event (BFE qkv2, C_cat, PPM) lands in 3 of 5 of ours, 1 of 5 of the "
-                     "original's; over 25 roundings ours has a median of 103 (8 of 25 over 1000), the "
-                     "original 17 (none over 1000); measured 2026-12-03"}
+                     "original's; over 25 roundings ours has a median of 103 (9 of 25 over 1000), the "
+                     "original 17 (none over 1000), while on medical_s13 and tno_s14 ours is under the "
+                     "original (350 vs 616, 27 vs 1258); not the conv sums' order nor the micro-batching "
+                     "(tests/fixtures/trajectory/README.md); measured 2026-12-03"}
 
 
 def recipe_config(h5, init_from, run: dict, microbatches: int):
