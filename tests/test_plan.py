@@ -171,11 +171,16 @@ def _needs(target):
 
 @pytest.fixture
 def no_compilation_cache():
-    """Compile-only executables cannot be loaded back: no persistent cache (as main() does)."""
+    """Compile-only executables cannot be loaded back: no persistent cache (as main() does).
+    JAX decides once per process whether the cache is used, so the decision is reset on the
+    way in and out (without it, a session that compiled before kept reading the cache)."""
+    from jax.experimental.compilation_cache import compilation_cache
     was = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
     yield
     jax.config.update("jax_enable_compilation_cache", was)
+    compilation_cache.reset_cache()
 
 
 def _cpu_flops_of_phase2(batch, size, precision):
