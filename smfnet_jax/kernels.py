@@ -10,6 +10,11 @@ differentiation. `"cpu"`: routines written for XLA:CPU, 3-30x faster there, comp
 same function: 1x1 convs as matmuls over flattened pixels (`pointwise`), depthwise convs as
 shifted multiply-adds (`depthwise_valid`), other dense convs XLA's forward convolution with
 a hand-written backward (`conv_zero_padded`).
+
+`policy.conv_sums == "float64"`: the forward of every dense convolution with a spatial
+kernel runs on float64 copies of its float32 operands (their products are exact there) and
+is rounded once (`in_float64`), whatever the routines; backward passes stay in the compute
+dtype.
 """
 from __future__ import annotations
 
@@ -62,9 +67,20 @@ def xla_conv(x: Array, kernel: Array, *, precision, dilation: int = 1, padding: 
                    dilation=dilation, groups=groups)
 
 
+def in_float64(conv, x: Array, kernel: Array) -> Array:
+    """`conv(x, kernel)` on float64 copies, rounded once to x's dtype: float32 (or bfloat16)
+    products are exact in float64 and a few thousand of them sum there to ~1e-16, so each
+    output is its exact value rounded (XLA:CPU's float32 accumulation: ~4e-7 off at 3x3x64).
+    Scoped float64 (`jax.enable_x64`): nothing outside this call changes."""
+    with jax.enable_x64(True):
+        y = conv(x.astype(jnp.float64), kernel.astype(jnp.float64))
+    return y.astype(x.dtype)
+
+
 # --------------------------------------------------------------------------- XLA:CPU routines
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def conv_zero_padded(x: Array, kernel: Array, padding: int, dilation: int, precision) -> Array:
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def conv_zero_padded(x: Array, kernel: Array, padding: int, dilation: int, precision,
+                     sums: str = "float32") -> Array:
     """Dense stride-1 convolution with zero padding, and a hand-written backward pass.
 
     XLA:CPU differentiates a convolution into another convolution whose kernel-gradient form
@@ -72,16 +88,19 @@ def conv_zero_padded(x: Array, kernel: Array, padding: int, dilation: int, preci
     convolution of the cotangent with the flipped, transposed kernel, zero padded by
     dilation * (k - 1) - padding inside XLA's convolution (no padded copy, no crop: a cropped
     'full' convolution ran ~25% slower); the kernel gradient one (C, pixels) @ (pixels, O)
-    matmul per tap over the padded input's shifted windows.
+    matmul per tap over the padded input's shifted windows. `sums` "float64": the forward
+    in float64 (`in_float64`); the backward as ever.
     """
-    return xla_conv(x, kernel, precision=precision, dilation=dilation, padding=padding)
+    return _conv_fwd(x, kernel, padding, dilation, precision, sums)[0]
 
 
-def _conv_fwd(x, kernel, padding, dilation, precision):
-    return xla_conv(x, kernel, precision=precision, dilation=dilation, padding=padding), (x, kernel)
+def _conv_fwd(x, kernel, padding, dilation, precision, sums):
+    def conv(a, b):
+        return xla_conv(a, b, precision=precision, dilation=dilation, padding=padding)
+    return (in_float64(conv, x, kernel) if sums == "float64" else conv(x, kernel)), (x, kernel)
 
 
-def _conv_bwd(padding, dilation, precision, residuals, g):
+def _conv_bwd(padding, dilation, precision, sums, residuals, g):
     x, kernel = residuals
     kh, kw = kernel.shape[:2]
     back = dilation * (kh - 1) - padding, dilation * (kw - 1) - padding
@@ -170,16 +189,21 @@ def dense_conv(x: Array, kernel: Array, policy, *, padding: int = 0, dilation: i
     "xla": XLA's convolution, zero padding inside it, automatic differentiation. "cpu": a
     1x1 conv is a matmul over flattened pixels (`pointwise`: ~3x faster than a 1x1
     convolution, forward and backward); any other is XLA's convolution with the hand-written
-    backward of `conv_zero_padded`. Both pad by reflection first when asked to.
+    backward of `conv_zero_padded`. Both pad by reflection first when asked to. A kernel
+    wider than 1x1 sums in float64 where `policy.conv_sums` says so (`in_float64`).
     """
     precision = policy.lax_precision
+    sums = "float32" if kernel.shape[:2] == (1, 1) else policy.conv_sums
     if policy.routines == "cpu":
         if kernel.shape[:2] == (1, 1) and not padding:
             return pointwise(x, kernel[0, 0], precision=precision)
         if pad_mode != "zeros":
             x, padding = pad_hw(x, padding, pad_mode), 0
-        return conv_zero_padded(x, kernel, padding, dilation, precision)
-    return xla_conv(x, kernel, precision=precision, dilation=dilation, padding=padding, pad_mode=pad_mode)
+        return conv_zero_padded(x, kernel, padding, dilation, precision, sums)
+
+    def conv(a, b):
+        return xla_conv(a, b, precision=precision, dilation=dilation, padding=padding, pad_mode=pad_mode)
+    return in_float64(conv, x, kernel) if sums == "float64" else conv(x, kernel)
 
 
 def grouped_conv(x: Array, kernel: Array, policy, *, groups: int, padding: int = 0,

@@ -222,3 +222,48 @@ def test_batch_norm_training_is_as_exact_as_float64_allows():
         _, mean, var = batch_norm_train(jnp.asarray(x), jnp.asarray(scale), jnp.asarray(bias), 1e-5)
     np.testing.assert_allclose(mean, x.mean((0, 1, 2)), rtol=1e-12)
     np.testing.assert_allclose(var, x.var((0, 1, 2)), rtol=1e-12)
+
+
+@pytest.mark.parametrize("impl", ["cpu", "xla"])
+@pytest.mark.parametrize("k,pad,dil", [(3, 1, 1), (3, 4, 4)], ids=["3x3", "dilated"])
+def test_float64_conv_sums_round_each_output_once(impl, k, pad, dil):
+    """conv_sums="float64": a 3x3 conv's outputs are their exact values rounded to float32
+    (all but a near-halfway few bit-equal to the float64 conv's, rounded), where float32 sums
+    are several ulps off; the gradients are the float32 path's."""
+    from smfnet_jax import kernels
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 12, 10, 64)).astype(np.float32)
+    kernel = (rng.standard_normal((k, k, 64, 8)) * 0.05).astype(np.float32)
+    exact = _float64_conv(x, kernel, pad, dil)
+    rounded = exact.astype(np.float32)
+    outs = {}
+    for sums in ("float32", "float64"):
+        policy = ComputePolicy(impl, conv_sums=sums)
+        f = jax.jit(lambda x, w, p=policy: kernels.dense_conv(x, w, p, padding=pad, dilation=dil))
+        outs[sums] = np.asarray(f(x, kernel))
+        assert outs[sums].dtype == np.float32
+    assert np.mean(outs["float64"] == rounded) > 0.999
+    ulp = np.spacing(np.abs(rounded))
+    assert np.max(np.abs(outs["float64"] - exact) / ulp) <= 0.5 + 1e-6
+    assert np.max(np.abs(outs["float32"] - exact) / ulp) > 1  # what the float64 sums are for
+
+    def loss(x, w, sums):
+        return jnp.sum(jnp.sin(kernels.dense_conv(x, w, ComputePolicy(impl, conv_sums=sums),
+                                                  padding=pad, dilation=dil)))
+    g32, g64 = (jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(x, kernel, s)
+                for s in ("float32", "float64"))
+    for a, b in zip(g32, g64):
+        assert b.dtype == jnp.float32
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+
+
+def _float64_conv(x, kernel, pad, dil):
+    """The exact conv (float64 products and sums) in numpy: one tap at a time."""
+    k = kernel.shape[0]
+    xp = np.pad(x.astype(np.float64), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    h, w = xp.shape[1] - dil * (k - 1), xp.shape[2] - dil * (k - 1)
+    out = np.zeros((x.shape[0], h, w, kernel.shape[3]))
+    for i in range(k):
+        for j in range(k):
+            out += xp[:, i * dil:i * dil + h, j * dil:j * dil + w, :] @ kernel[i, j].astype(np.float64)
+    return out

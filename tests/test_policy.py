@@ -158,3 +158,25 @@ def test_every_cli_names_a_bad_routines_variable(module, argv, monkeypatch, caps
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {IMPL_ENV}='bogus': expected one of auto, cpu, xla"], err
+
+
+def test_conv_sums_float64_for_cpu_training_float32_elsewhere():
+    """Training's `conv_sums` "auto" is float64 with the CPU routines (the trajectory tests'
+    fidelity rests on it, issue #19) and float32 with XLA's (GPU/TPU); inference defaults to
+    float32; a bad value is named."""
+    from train.configs import msrs
+    from train.configs.validate import config_problems
+    from train.step import train_policy
+    assert resolve("cpu", conv_sums="auto").conv_sums == "float64"
+    assert resolve("xla", conv_sums="auto").conv_sums == "float32"
+    assert resolve(platform="tpu", conv_sums="auto") == ComputePolicy("xla", "highest", "float32", "float32")
+    assert resolve("cpu").conv_sums == "float32"  # inference: speed unless asked
+    assert "float64 conv sums" in resolve("cpu", conv_sums="float64").describe()
+    cfg = msrs.get_config()
+    assert train_policy(cfg).conv_sums == ("float64" if resolve().routines == "cpu" else "float32")
+    with pytest.raises(ValueError, match="conv_sums='float16'"):
+        resolve(conv_sums="float16")
+    with pytest.raises(ValueError, match="conv_sums"):
+        ComputePolicy("cpu", conv_sums="int8")
+    cfg.conv_sums = "float16"
+    assert any("conv_sums" in p for p in config_problems(cfg))

@@ -337,7 +337,7 @@ def full_run(tiny_h5, tmp_path_factory):
     r = run_train(workdir, tiny_overrides(tiny_h5))
     assert r.returncode == 0, r.stderr[-3000:]
     first = next(line for line in r.stderr.splitlines() if line.startswith("device "))
-    assert "; routines cpu, precision highest, float32; batch " in first, first  # the policy, first
+    assert "; routines cpu, precision highest, float32, float64 conv sums; batch " in first, first  # the policy, first
     return workdir
 
 

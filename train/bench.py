@@ -25,7 +25,8 @@ def _synthetic_batch(batch: int, size: int):
 
 
 def measure_train_step(phase: int = 2, batch: int = 6, size: int = 128, steps: int = 2,
-                       microbatches: int = 0, dtype: str = "float32", precision: str = "highest") -> dict:
+                       microbatches: int = 0, dtype: str = "float32", precision: str = "highest",
+                       conv_sums: str = "auto") -> dict:
     """Time the jitted train step (one warm-up step with compilation, then `steps` timed)."""
     import jax
     import numpy as np
@@ -38,7 +39,7 @@ def measure_train_step(phase: int = 2, batch: int = 6, size: int = 128, steps: i
     from train.trainer import _global_batch, _replicate, make_mesh
 
     cfg = msrs.get_config()
-    cfg.compute_dtype, cfg.precision = dtype, precision
+    cfg.compute_dtype, cfg.precision, cfg.conv_sums = dtype, precision, conv_sums
     cfg.microbatches = resolve_microbatches(microbatches, batch, train_policy(cfg).routines)
     mesh = make_mesh()
     graphdef, state = init_train_state(create_model(0), cfg)
@@ -124,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
                         "memory); 0: auto (one sample per slice on CPU, 1 on GPU/TPU)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--precision", choices=PRECISIONS, default="highest", help=PRECISION_HELP)
+    p.add_argument("--conv-sums", choices=("auto", "float32", "float64"), default="auto",
+                   help="what the 3x3 convs sum in (config conv_sums; auto: float64 with the CPU "
+                        "routines, as training runs by default)")
     p.add_argument("--compare-dtypes", action="store_true",
                    help="instead of timing: bfloat16 vs float32 loss terms and gradient norms of "
                         "both phases on one synthetic batch (--batch, --size; e.g. --batch 2)")
@@ -137,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from smfnet_jax.policy import resolve
         from train.step import resolve_microbatches
-        policy = resolve(None, precision=args.precision, dtype=args.dtype)
+        policy = resolve(None, precision=args.precision, dtype=args.dtype, conv_sums=args.conv_sums)
         try:
             k = resolve_microbatches(args.microbatches, args.batch, policy.routines)
         except ValueError as e:
@@ -145,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train.bench: {policy.describe()}; phase {args.phase}, batch {args.batch} in {k} "
               f"micro-batch(es), {args.size}x{args.size}", flush=True)
         out = measure_train_step(args.phase, args.batch, args.size, args.steps,
-                                 args.microbatches, args.dtype, args.precision)
+                                 args.microbatches, args.dtype, args.precision, args.conv_sums)
         for k, v in out.items():
             print(f"{k:>16}: {v}")
     if args.json:

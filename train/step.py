@@ -109,9 +109,10 @@ def split_model(model: SMFNet):
 
 
 def train_policy(cfg) -> ComputePolicy:
-    """The compute policy a config chooses: `compute_dtype`, `precision`, and the routines
-    for this backend ($SMFNET_JAX_IMPL may force them)."""
-    return resolve(None, precision=cfg.precision, dtype=cfg.compute_dtype)
+    """The compute policy a config chooses: `compute_dtype`, `precision`, `conv_sums`, and the
+    routines for this backend ($SMFNET_JAX_IMPL may force them)."""
+    return resolve(None, precision=cfg.precision, dtype=cfg.compute_dtype,
+                   conv_sums=cfg.get("conv_sums", "auto"))
 
 
 def init_train_state(model: SMFNet, cfg, policy: ComputePolicy | None = None) -> tuple[nnx.GraphDef, dict]:

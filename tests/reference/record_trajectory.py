@@ -12,7 +12,8 @@ also records what that script does not:
 
 and, with --step1 FILE, every trained parameter after the first optimiser step (npz,
 'SubModel/module.key' -> array, float64 in a float64 run). --dump-params DIR writes those
-after every step (for pinning a drift to a step and a layer; too big to commit).
+after every step (for pinning a drift to a step and a layer; too big to commit); --grads FILE
+step 1's gradients before clipping (to compare float32 rounding per tensor with ours).
 --input-scale S runs on the images times S (float32): with S = 1 + k 2**-23 the same
 problem in another rounding, to see how far float32 rounding alone moves step 1.
 
@@ -44,6 +45,7 @@ def main() -> None:
                     help="multiply the images by this in float32 (1 + k 2**-23: new rounding, same problem)")
     ap.add_argument("--step1", help="write the parameters after step 1 here (.npz)")
     ap.add_argument("--dump-params", help="write the parameters after every step into this folder")
+    ap.add_argument("--grads", help="write step 1's gradients (before clipping) here (.npz)")
     args = ap.parse_args()
 
     sys.path.insert(0, os.environ["KORNIA020"])
@@ -111,6 +113,10 @@ def main() -> None:
             loss = fusion(vis, irs, fused)[0] + 2.0 * ((cc_d ** 2 + cc_d ** 2) / (1.01 + cc_b))
             updated = SUBMODELS
         loss.backward()
+        if epoch == 0 and args.grads:
+            np.savez(args.grads, **{f"{n}/{k}": p.grad.detach().cpu().numpy().copy()
+                                    for n in updated for k, p in nets[n].named_parameters()
+                                    if p.grad is not None})
         norms = {n: float(nn.utils.clip_grad_norm_(nets[n].parameters(), max_norm=0.01, norm_type=2))
                  for n in updated}
         for n in updated:
