@@ -67,11 +67,14 @@ def xla_conv(x: Array, kernel: Array, *, precision, dilation: int = 1, padding: 
                    dilation=dilation, groups=groups)
 
 
-def in_float64(conv, x: Array, kernel: Array) -> Array:
+def in_float64(conv, x: Array, kernel: Array, sums: str = "float64") -> Array:
     """`conv(x, kernel)` on float64 copies, rounded once to x's dtype: float32 (or bfloat16)
     products are exact in float64 and a few thousand of them sum there to ~1e-16, so each
     output is its exact value rounded (XLA:CPU's float32 accumulation: ~4e-7 off at 3x3x64).
-    Scoped float64 (`jax.enable_x64`): nothing outside this call changes."""
+    Scoped float64 (`jax.enable_x64`): nothing outside this call changes. `sums` "float32":
+    just `conv(x, kernel)` (the policy's `conv_sums` passes through)."""
+    if sums != "float64":
+        return conv(x, kernel)
     with jax.enable_x64(True):
         y = conv(x.astype(jnp.float64), kernel.astype(jnp.float64))
     return y.astype(x.dtype)
@@ -97,7 +100,7 @@ def conv_zero_padded(x: Array, kernel: Array, padding: int, dilation: int, preci
 def _conv_fwd(x, kernel, padding, dilation, precision, sums):
     def conv(a, b):
         return xla_conv(a, b, precision=precision, dilation=dilation, padding=padding)
-    return (in_float64(conv, x, kernel) if sums == "float64" else conv(x, kernel)), (x, kernel)
+    return in_float64(conv, x, kernel, sums), (x, kernel)
 
 
 def _conv_bwd(padding, dilation, precision, sums, residuals, g):
@@ -203,7 +206,7 @@ def dense_conv(x: Array, kernel: Array, policy, *, padding: int = 0, dilation: i
 
     def conv(a, b):
         return xla_conv(a, b, precision=precision, dilation=dilation, padding=padding, pad_mode=pad_mode)
-    return in_float64(conv, x, kernel) if sums == "float64" else conv(x, kernel)
+    return in_float64(conv, x, kernel, sums)
 
 
 def grouped_conv(x: Array, kernel: Array, policy, *, groups: int, padding: int = 0,
