@@ -13,7 +13,7 @@ a hand-written backward (`conv_zero_padded`).
 
 `policy.conv_sums == "float64"`: the forward of every dense convolution with a spatial
 kernel runs on float64 copies of its float32 operands (their products are exact there) and
-is rounded once (`in_float64`), whatever the routines; backward passes stay in the compute
+is rounded once (`summed_in`), whatever the routines; backward passes stay in the compute
 dtype.
 """
 from __future__ import annotations
@@ -67,12 +67,12 @@ def xla_conv(x: Array, kernel: Array, *, precision, dilation: int = 1, padding: 
                    dilation=dilation, groups=groups)
 
 
-def in_float64(conv, x: Array, kernel: Array, sums: str = "float64") -> Array:
-    """`conv(x, kernel)` on float64 copies, rounded once to x's dtype: float32 (or bfloat16)
-    products are exact in float64 and a few thousand of them sum there to ~1e-16, so each
-    output is its exact value rounded (XLA:CPU's float32 accumulation: ~4e-7 off at 3x3x64).
-    Scoped float64 (`jax.enable_x64`): nothing outside this call changes. `sums` "float32":
-    just `conv(x, kernel)` (the policy's `conv_sums` passes through)."""
+def summed_in(sums: str, conv, x: Array, kernel: Array) -> Array:
+    """`conv(x, kernel)` with its sums in `sums` (a policy's `conv_sums`). "float32": just
+    `conv(x, kernel)`. "float64": on float64 copies, rounded once to x's dtype: float32 (or
+    bfloat16) products are exact in float64 and a few thousand of them sum there to ~1e-16,
+    so each output is its exact value rounded (XLA:CPU's float32 accumulation: ~4e-7 off at
+    3x3x64). Scoped float64 (`jax.enable_x64`): nothing outside this call changes."""
     if sums != "float64":
         return conv(x, kernel)
     with jax.enable_x64(True):
@@ -92,7 +92,7 @@ def conv_zero_padded(x: Array, kernel: Array, padding: int, dilation: int, preci
     dilation * (k - 1) - padding inside XLA's convolution (no padded copy, no crop: a cropped
     'full' convolution ran ~25% slower); the kernel gradient one (C, pixels) @ (pixels, O)
     matmul per tap over the padded input's shifted windows. `sums` "float64": the forward
-    in float64 (`in_float64`); the backward as ever.
+    in float64 (`summed_in`); the backward as ever.
     """
     return _conv_fwd(x, kernel, padding, dilation, precision, sums)[0]
 
@@ -100,7 +100,7 @@ def conv_zero_padded(x: Array, kernel: Array, padding: int, dilation: int, preci
 def _conv_fwd(x, kernel, padding, dilation, precision, sums):
     def conv(a, b):
         return xla_conv(a, b, precision=precision, dilation=dilation, padding=padding)
-    return in_float64(conv, x, kernel, sums), (x, kernel)
+    return summed_in(sums, conv, x, kernel), (x, kernel)
 
 
 def _conv_bwd(padding, dilation, precision, sums, residuals, g):
@@ -193,7 +193,7 @@ def dense_conv(x: Array, kernel: Array, policy, *, padding: int = 0, dilation: i
     1x1 conv is a matmul over flattened pixels (`pointwise`: ~3x faster than a 1x1
     convolution, forward and backward); any other is XLA's convolution with the hand-written
     backward of `conv_zero_padded`. Both pad by reflection first when asked to. A kernel
-    wider than 1x1 sums in float64 where `policy.conv_sums` says so (`in_float64`).
+    wider than 1x1 sums in float64 where `policy.conv_sums` says so (`summed_in`).
     """
     precision = policy.lax_precision
     sums = "float32" if kernel.shape[:2] == (1, 1) else policy.conv_sums
@@ -206,7 +206,7 @@ def dense_conv(x: Array, kernel: Array, policy, *, padding: int = 0, dilation: i
 
     def conv(a, b):
         return xla_conv(a, b, precision=precision, dilation=dilation, padding=padding, pad_mode=pad_mode)
-    return in_float64(conv, x, kernel, sums)
+    return summed_in(sums, conv, x, kernel)
 
 
 def grouped_conv(x: Array, kernel: Array, policy, *, groups: int, padding: int = 0,

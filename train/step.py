@@ -112,7 +112,7 @@ def train_policy(cfg) -> ComputePolicy:
     """The compute policy a config chooses: `compute_dtype`, `precision`, `conv_sums`, and the
     routines for this backend ($SMFNET_JAX_IMPL may force them)."""
     return resolve(None, precision=cfg.precision, dtype=cfg.compute_dtype,
-                   conv_sums=cfg.get("conv_sums", "auto"))
+                   conv_sums=cfg.conv_sums)
 
 
 def init_train_state(model: SMFNet, cfg, policy: ComputePolicy | None = None) -> tuple[nnx.GraphDef, dict]:
