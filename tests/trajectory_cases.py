@@ -179,3 +179,12 @@ def step1_reference(name: str, ckpt: dict) -> dict[str, np.ndarray]:
     with np.load(FIXTURES / name / "step1_float64.npz") as z:
         return {k: ckpt[k.split("/", 1)[0]][k.split("/", 1)[1]].astype(np.float64)
                 + z[k].astype(np.float64) * (lr / DELTA_SCALE) for k in z.files if k in held}
+
+
+def original_step1_draws(case: dict) -> list[int]:
+    """Every recorded count of the float32 original's step-1 elements > 1e-4 from float64: the
+    five roundings of the machine that made the case, then those of each `--recount` (the
+    original's count depends on the CPU it ran on, so one machine's five are one draw of it)."""
+    step1 = case["float32_step1"]
+    runs = [step1["off_1e-4_by_input_scale"]] + [r["off_1e-4_by_input_scale"] for r in step1.get("reruns", [])]
+    return [int(n) for run in runs for n in run.values()]
