@@ -99,6 +99,8 @@ def main() -> None:
                     help="rerun an existing case's step-1 counts on this machine (see above)")
     args = ap.parse_args()
 
+    if not os.environ.get("SMFNET_SHARED"):
+        ap.error("set SMFNET_SHARED to the shared folder (its data/ holds the images the crops come from)")
     shared = Path(os.environ["SMFNET_SHARED"]).resolve()
     if args.recount:
         return recount(args.name, args.torch_python, shared)
