@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import pytest
 
 from train import plan as plan_lib
-from train.plan import TARGETS, largest_fitting
+from train.plan import TARGETS, cheapest_split, largest_fitting
 
 TPU, GPU = TARGETS["tpu:v5e:2x2"], TARGETS["gpu:h100"]
 
@@ -63,6 +63,48 @@ def test_largest_fitting_equals_exhaustive_search_with_few_calls(curve):
     # (one compile fewer from a known point at zero)
     most = {"affine": 4, "affine_with_bytes_at_zero": 3, "tpu_account": 3, "tpu_account_with_bytes_at_zero": 2}
     assert len(calls) <= most.get(curve, 16), sorted(calls)
+
+
+def test_cheapest_split_is_bisection_at_equal_prices_and_a_scan_when_refusals_are_free():
+    for width in (2, 3, 7, 18, 40, 129):
+        assert cheapest_split(width, 0.0) == width - 1  # a refusal costs nothing: step down
+        j, rounds = cheapest_split(width, 1.0), math.ceil(math.log2(width))
+        # at equal prices the worst case is bisection's: each side resolves in one round fewer
+        assert 1 <= j < width
+        assert max(math.ceil(math.log2(j)), math.ceil(math.log2(width - j))) <= rounds - 1
+    # in between, the probe climbs as refusals get cheaper
+    assert cheapest_split(18, 0.49) <= cheapest_split(18, 0.3) <= cheapest_split(18, 0.1) < 17
+
+
+# v5p-8 phase II as libtpu accounted it on 2026-12-07 (GiB per chip; refusals: what it said was
+# needed): 2.6 GiB a sample to 30 per chip, then nearly flat to 53, refused from 54.
+V5P_PHASE2 = ((0, 0.6), (20, 63.36), (30, 89.25), (32, 89.49), (34, 90.21), (38, 90.23), (48, 92.32),
+              (53, 94.72), (54, 98.57), (56, 104.05), (59, 120.82), (84, 198.51), (5000, 9000.0))
+
+
+@pytest.mark.parametrize("start", [20, 60])
+def test_where_refusals_are_cheap_the_search_spends_them_to_save_accepted_compiles(start):
+    import numpy as np
+    xs, ys = zip(*V5P_PHASE2)
+    account = lambda n: float(np.interp(n, xs, ys)) * 2**30
+    available = 95.74 * 2**30
+
+    def search(priced):
+        calls = []
+
+        def probe(n):
+            fits = account(n) <= available
+            calls.append(fits)
+            # libtpu refused these in ~30 s and took ~500 s to accept one
+            return (fits, account(n), 500.0 if fits else 30.0) if priced else (fits, account(n))
+        got, _ = largest_fitting(probe, available, start, 4096, 0.6 * 2**30)
+        return got, sum(calls)
+
+    (plain, plain_accepted), (priced, priced_accepted) = search(False), search(True)
+    assert plain == priced == 53
+    assert priced_accepted < plain_accepted
+    if start == 60:  # from a refusal, one accepted compile below it, then a scan down to the answer
+        assert priced_accepted <= 2
 
 
 def test_refusal_bytes_reads_both_tpu_messages():

@@ -251,14 +251,29 @@ def compiler_hbm(devices: list) -> int | None:
     return None
 
 
-def largest_fitting(probe: Callable[[int], tuple[bool, float | None]], limit: float, start: int,
+def cheapest_split(width: int, refusal_price: float) -> int:
+    """Where to probe inside a bracket [lo fits, lo + width does not]: the offset j (1..width-1)
+    that makes the worst case of the rest of the search cheapest, when an accepted compile costs
+    1 and a refused one `refusal_price` (cost(v) = min_j max(1 + cost(v - j), price + cost(j))).
+    At price 1 this is bisection; as refusals get cheap it moves to the top of the bracket, down
+    to a scan from hi - 1 whose first accepted size is the answer (one accepted compile)."""
+    cost, best = [0.0, 0.0], [0, 0]
+    for v in range(2, width + 1):
+        # ties go to the higher probe: a refusal there is the cheaper way to learn the same
+        c, j = min((max(1 + cost[v - j], refusal_price + cost[j]), -j) for j in range(1, v))
+        cost.append(c)
+        best.append(-j)
+    return best[width]
+
+
+def largest_fitting(probe: Callable[[int], tuple], limit: float, start: int,
                     cap: int = 4096, at_zero: float | None = None
                     ) -> tuple[int, dict[int, tuple[bool, float | None]]]:
     """The largest n in 1..cap that fits, for a program whose memory grows with n; 0 when
-    n=1 does not fit. `probe(n)` compiles at n and returns (fits, bytes): the verdict and
-    the per-chip bytes it was judged by (GPU: the memory analysis' total against `limit`;
-    TPU: the compiler's own account, its peak or what its refusal says was needed), None
-    where unknown.
+    n=1 does not fit. `probe(n)` compiles at n and returns (fits, bytes[, seconds]): the
+    verdict, the per-chip bytes it was judged by (GPU: the memory analysis' total against
+    `limit`; TPU: the compiler's own account, its peak or what its refusal says was needed),
+    None where unknown, and optionally what the compile took.
 
     Each probe is a compile, so it asks few: the straight line through the last two sizes
     with bytes (memory is close to affine in the batch; with one size, through it and
@@ -266,14 +281,28 @@ def largest_fitting(probe: Callable[[int], tuple[bool, float | None]], limit: fl
     bytes reach `limit`, and a prediction at the largest size known to fit checks the one
     above it. Where there is no line, where the bracket [fits, does not fit] disproves it,
     or where a step did not halve the bracket: doubling from `start`, else bisection.
-    Returns (n, {n: probe(n)}).
+    Where refusals have cost less than half of what accepted compiles cost (libtpu refuses
+    most oversized programs in seconds, before code generation, and takes minutes to an
+    hour to accept one), a closed bracket is searched for the cheapest worst case instead
+    (`cheapest_split`), which spends refusals to save accepted compiles.
+    Returns (n, {n: (fits, bytes)}).
     """
     seen: dict[int, tuple[bool, float | None]] = {}
+    took: dict[bool, list[float]] = {True: [], False: []}  # compile seconds, by verdict
 
     def fits(n: int) -> bool:
         if n not in seen:
-            seen[n] = probe(n)
+            got = tuple(probe(n))
+            seen[n] = got[:2]
+            if len(got) > 2 and got[2] is not None:
+                took[bool(got[0])].append(float(got[2]))
         return seen[n][0]
+
+    def refusal_price() -> float | None:
+        """A refused compile's mean time over an accepted one's; None until both are seen."""
+        if not (took[True] and took[False]) or sum(took[True]) <= 0:
+            return None
+        return (sum(took[False]) / len(took[False])) / (sum(took[True]) / len(took[True]))
 
     def line_prediction() -> int | None:
         points = [(n, seen[n][1]) for n in seen if seen[n][1] is not None][-2:]  # the secant's
@@ -296,6 +325,10 @@ def largest_fitting(probe: Callable[[int], tuple[bool, float | None]], limit: fl
         if hi - lo <= 1:
             return lo, seen
         halved, width = hi - lo <= width / 2, hi - lo
+        price = refusal_price()
+        if price is not None and price < 0.5 and hi <= cap and hi - lo <= 1024:
+            guess = lo + cheapest_split(hi - lo, price)
+            continue
         p = line_prediction()
         if p is None or p >= hi or p < lo or not (halved or hi > cap or lo == 0):
             # no line, a line that the bracket disproves, or slow progress
@@ -407,7 +440,7 @@ def plan(target: Target, *, batch: int | None = None, size: int = 128, precision
                                "total": r["bytes_per_chip"] and r["bytes_per_chip"]["total"],
                                "compile_s": r["compile_s"]})
                 on_update(doc)
-                return r["fits"], judged
+                return r["fits"], judged, r["compile_s"]
             # what does not grow with the batch: the (donated) state and the program; for a
             # refused first compile, the state alone
             b = first["bytes_per_chip"]
