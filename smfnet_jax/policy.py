@@ -37,6 +37,8 @@ ROUTINES = ("cpu", "xla")
 PRECISIONS = ("highest", "high", "default")
 DTYPES = ("float32", "bfloat16")
 CONV_SUMS = ("float32", "float64")
+# what a config or flag may ask for: auto picks by the routines (`resolve`)
+CONV_SUMS_CHOICES = ("auto", *CONV_SUMS)
 IMPL_HELP = (f"Compute routines: ${IMPL_ENV}=auto|cpu|xla (default auto: the XLA:CPU-tuned "
              "routines on CPU, XLA's native convolutions on GPU/TPU).")
 PRECISION_HELP = ("matmul/conv precision: highest (default: full float32 on every backend), "
@@ -110,7 +112,7 @@ def resolve(routines: str | None = None, precision: str = "highest", dtype: str 
             import jax
             platform = jax.default_backend()
         name = "cpu" if platform == "cpu" else "xla"
-    sums = _choice(conv_sums, ("auto", *CONV_SUMS), "conv_sums")
+    sums = _choice(conv_sums, CONV_SUMS_CHOICES, "conv_sums")
     if sums == "auto":
         sums = "float64" if name == "cpu" else "float32"
     return ComputePolicy(name, _choice(precision, PRECISIONS, "precision"), _choice(dtype, DTYPES, "dtype"),

@@ -159,7 +159,6 @@ def main() -> None:
                           "tensors": len(deltas),
                           "off_1e-4": counts[repr(1.0)],
                           "off_1e-4_by_input_scale": counts,
-                          "off_1e-4_median": int(np.median(list(counts.values()))),
                           "opposite_direction": opposite},
     }
     out = tc.FIXTURES / args.name

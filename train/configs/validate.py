@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from smfnet_jax.policy import CONV_SUMS, DTYPES as COMPUTE_DTYPES, PRECISIONS
+from smfnet_jax.policy import CONV_SUMS_CHOICES, DTYPES as COMPUTE_DTYPES, PRECISIONS
 CPU_COLLECTIVES = ("gloo", "mpi", "")
 
 
@@ -103,7 +103,7 @@ def _rules() -> Iterator[tuple[str, Callable[[Any], bool], str]]:
         "decomp_grad": boolean,
         "compute_dtype": (lambda v: v in COMPUTE_DTYPES, f"one of {', '.join(COMPUTE_DTYPES)}"),
         "precision": (lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
-        "conv_sums": (lambda v: v in ("auto", *CONV_SUMS), f"one of auto, {', '.join(CONV_SUMS)}"),
+        "conv_sums": (lambda v: v in CONV_SUMS_CHOICES, f"one of {', '.join(CONV_SUMS_CHOICES)}"),
         "init_from": string,
         "checkpoint_every_steps": pos_int,
         "keep_checkpoints": (lambda v: _is_int(v) and v >= 1, "an integer >= 1 (0 would keep no "
