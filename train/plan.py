@@ -15,9 +15,11 @@ Per row: per-chip bytes from the compiler's memory analysis (arguments, outputs,
 program code, less what donation aliases), FLOPs from its cost analysis (TPU only; XLA:GPU
 gives none) for the whole mesh, and a roofline time from the chip's peak and HBM bandwidth.
 Then, per train phase, the largest per-chip batch that fits, by a bracketed search over
-compiles (`largest_fitting`). Fits: on TPUs, the compiler accepted it (it refuses a program
-that exceeds HBM, by its own account); on GPUs, total <= 75% of the memory (JAX preallocates
-XLA_PYTHON_CLIENT_MEM_FRACTION=0.75 of it unless told otherwise; XLA:GPU compiles anything).
+compiles (`largest_fitting`; it spends libtpu's quick refusals to save its slow acceptances,
+so on a TPU start it above the answer with --batch). Fits: on TPUs, the compiler accepted
+it (it refuses a program that exceeds HBM, by its own account); on GPUs, total <= 75% of the
+memory (JAX preallocates XLA_PYTHON_CLIENT_MEM_FRACTION=0.75 of it unless told otherwise;
+XLA:GPU compiles anything).
 
 Needs the [plan] extra (libtpu and the CUDA plugin matching jaxlib): install it in its own
 venv, since with it every JAX start tries those backends and prints their failures.
@@ -492,7 +494,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", required=True, choices=sorted(TARGETS), metavar="T",
                    help="one of: " + ", ".join(f"{k} ({t.description})" for k, t in TARGETS.items()))
-    p.add_argument("--batch", type=int, help="global train batch (default: 6 per chip, the recipe's)")
+    p.add_argument("--batch", type=int, help="global train batch (default: 6 per chip, the recipe's); the fitting search starts from it "
+                        "(on a TPU, above the answer is cheapest: libtpu refuses in seconds)")
     p.add_argument("--size", type=int, default=128, help="train patch size (default 128, the recipe's)")
     p.add_argument("--precision", choices=PRECISIONS, default="highest", help=PRECISION_HELP)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
