@@ -494,8 +494,9 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", required=True, choices=sorted(TARGETS), metavar="T",
                    help="one of: " + ", ".join(f"{k} ({t.description})" for k, t in TARGETS.items()))
-    p.add_argument("--batch", type=int, help="global train batch (default: 6 per chip, the recipe's); the fitting search starts from it "
-                        "(on a TPU, above the answer is cheapest: libtpu refuses in seconds)")
+    p.add_argument("--batch", type=int,
+                   help="global train batch (default: 6 per chip, the recipe's); the fitting search "
+                        "starts from it (on a TPU, above the answer is cheapest: libtpu refuses in seconds)")
     p.add_argument("--size", type=int, default=128, help="train patch size (default 128, the recipe's)")
     p.add_argument("--precision", choices=PRECISIONS, default="highest", help=PRECISION_HELP)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
