@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from smfnet_jax.policy import IMPL_ENV, IMPL_HELP, PRECISION_HELP, PRECISIONS, resolve
+from smfnet_jax.policy import DTYPES, IMPL_ENV, IMPL_HELP, PRECISION_HELP, PRECISIONS, resolve
 from smfnet_jax.cli import exit_on_environment_error, parse_sizes
 from smfnet_jax.fileio import atomic_write_json
 
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated HxW sizes (default: 128x128,256x256,480x640)")
     p.add_argument("--repeats", type=int, default=3,
                    help="timed runs per size after one warm-up run; the median is reported (default 3)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="compute dtype (bfloat16 is meant for GPU/TPU; output is float32)")
     p.add_argument("--precision", choices=PRECISIONS, default="highest", help=PRECISION_HELP)
     p.add_argument("--json", type=Path, default=None, help="write the results to this JSON file")

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from smfnet_jax.cli import exit_on_environment_error, program_name
-from smfnet_jax.policy import PRECISION_HELP, PRECISIONS
+from smfnet_jax.policy import DTYPES, PRECISION_HELP, PRECISIONS
 
 FORMATS = (".jaxexport", ".onnx")
 
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute routines baked in: cpu (tuned for XLA:CPU), xla (XLA's convolutions); "
                         "default auto: cpu when cpu is the only platform, else xla; .onnx: xla")
     p.add_argument("--precision", choices=PRECISIONS, default="highest", help=PRECISION_HELP)
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="compute dtype baked in (inputs and output stay float32)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     return p

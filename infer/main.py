@@ -42,7 +42,7 @@ import numpy as np
 from infer.common import (EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, GRID_SUFFIX,
                           add_scale16_argument, json_out_problem, plain_warnings,
                           writable_folder_problem)
-from smfnet_jax.policy import IMPL_HELP, PRECISION_HELP, PRECISIONS
+from smfnet_jax.policy import DTYPES, IMPL_HELP, PRECISION_HELP, PRECISIONS
 from smfnet_jax.cli import Progress, exit_on_environment_error, program_name
 from smfnet_jax.fileio import write_together
 from smfnet_jax.imageio import (
@@ -408,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(with a notice) only for a pair estimated not to fit in the memory available")
     p.add_argument("--overlap", type=int, default=32, metavar="PX",
                    help="minimum overlap of neighbouring tiles with --tile (default: 32)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="compute dtype; bfloat16 is meant for GPU/TPU (slow on CPU)")
     p.add_argument("--precision", choices=PRECISIONS, default="highest", help=PRECISION_HELP)
     p.add_argument("--batch", type=int, default=1, metavar="N",

@@ -110,7 +110,7 @@ def format_precision(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from smfnet_jax.cli import exit_on_environment_error
-    from smfnet_jax.policy import IMPL_HELP, PRECISION_HELP, PRECISIONS, CONV_SUMS_CHOICES
+    from smfnet_jax.policy import CONV_SUMS_CHOICES, DTYPES, IMPL_HELP, PRECISION_HELP, PRECISIONS
     from smfnet_jax.runtime import configure_xla_cpu
     exit_on_environment_error()
     configure_xla_cpu()  # memory-optimised XLA:CPU scheduler; must precede any JAX work
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--microbatches", type=int, default=0,
                    help="exact gradient over this many slices of each device's batch (less "
                         "memory); 0: auto (one sample per slice on CPU, 1 on GPU/TPU)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--precision", choices=PRECISIONS, default="highest", help=PRECISION_HELP)
     p.add_argument("--conv-sums", choices=CONV_SUMS_CHOICES, default="auto",
                    help="what the 3x3 convs sum in (config conv_sums; auto: float64 with the CPU "

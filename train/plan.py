@@ -489,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     # Compiling needs no TPU, so no exclusive hold on one: two plans may run at once.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from smfnet_jax.cli import parse_sizes, program_name
-    from smfnet_jax.policy import PRECISION_HELP, PRECISIONS
+    from smfnet_jax.policy import DTYPES, PRECISION_HELP, PRECISIONS
     p = argparse.ArgumentParser(prog=program_name("train.plan"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", required=True, choices=sorted(TARGETS), metavar="T",
@@ -499,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
                         "starts from it (on a TPU, above the answer is cheapest: libtpu refuses in seconds)")
     p.add_argument("--size", type=int, default=128, help="train patch size (default 128, the recipe's)")
     p.add_argument("--precision", choices=PRECISIONS, default="highest", help=PRECISION_HELP)
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="compute dtype (bfloat16: float32 master weights, bf16 compute)")
     p.add_argument("--rows", default="phase1,phase2,fuse",
                    help="what to compile, comma-separated of phase1, phase2, fuse (default all)")
