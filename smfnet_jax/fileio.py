@@ -120,3 +120,19 @@ def write_together(targets: Sequence[tuple[Path, Callable[[Path], object]]]) -> 
             temp.unlink(missing_ok=True)
         raise
     return [path for _, path in staged]
+
+
+def overlap(out: str | os.PathLike, source: str | os.PathLike) -> str | None:
+    """How an output path and a path the command reads overlap, after resolving symlinks
+    (also of not-yet-existing tails): "is", "contains" (`out` is a folder above `source`, so
+    replacing it would destroy the source) or "lies inside" (`source` is a folder holding
+    `out`); None when they are apart. The CLIs refuse an overlapping output before any work,
+    whatever `--force` says: an output that is or contains an input would destroy it."""
+    a, b = Path(os.path.realpath(out)), Path(os.path.realpath(source))
+    if a == b:
+        return "is"
+    if a in b.parents:
+        return "contains"
+    if b in a.parents:
+        return "lies inside"
+    return None
