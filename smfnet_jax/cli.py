@@ -38,6 +38,38 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
     return sizes
 
 
+def overlap_problem(flag: str, outs, sources: dict,
+                    hows=("is", "contains", "lies inside")) -> str | None:
+    """The refusal when an output would replace or sit among what a command reads, or None.
+
+    outs: the output paths given by (or planned from) `flag`; sources: {path read: how to
+    name it, e.g. "the --ir folder", "the input file"}; hows: the overlaps refused.
+    Symlinks are resolved (`smfnet_jax.fileio.find_overlap`). Returns "FLAG OUT: is / lies
+    inside / contains SOURCE; refusing ..." for the first overlap, for the CLI's
+    `error: ` line (exit 2)."""
+    from pathlib import Path
+
+    from smfnet_jax.fileio import find_overlap
+    names = {Path(k): v for k, v in sources.items()}
+    hit = find_overlap(outs, names, hows)
+    if hit is None:
+        return None
+    out, source, how = hit
+    named = names[source] if out == source else f"{names[source]} {source}"
+    reason = {"is": ("refusing to write among the inputs" if Path(source).is_dir()
+                     else "refusing to overwrite an input"),
+              "contains": "refusing to replace an input",
+              "lies inside": "refusing to write among the inputs"}[how]
+    return f"{flag} {out}: {how} {named}; {reason}"
+
+
+def input_images(*folders) -> dict:
+    """{image file: "the input file"} for the `imageio.image_files` of `folders`: what the
+    pairing CLIs read, as `sources` for `overlap_problem`."""
+    from smfnet_jax.imageio import image_files
+    return {p: "the input file" for folder in folders for p in image_files(folder)}
+
+
 def environment_error() -> str | None:
     """The error line for a bad setting of an environment variable the CLIs read
     ($SMFNET_JAX_IMPL), or None; each CLI prints it and exits 2 before any work."""

@@ -22,7 +22,7 @@ import os
 import secrets
 import stat
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, Sequence
+from typing import BinaryIO, Callable, Iterable, Iterator, Sequence
 
 
 def _resolve_target(path: Path) -> tuple[Path, bool]:
@@ -128,11 +128,31 @@ def overlap(out: str | os.PathLike, source: str | os.PathLike) -> str | None:
     replacing it would destroy the source) or "lies inside" (`source` is a folder holding
     `out`); None when they are apart. The CLIs refuse an overlapping output before any work,
     whatever `--force` says: an output that is or contains an input would destroy it."""
-    a, b = Path(os.path.realpath(out)), Path(os.path.realpath(source))
-    if a == b:
-        return "is"
-    if a in b.parents:
-        return "contains"
-    if b in a.parents:
-        return "lies inside"
+    hit = find_overlap([out], [source])
+    return hit[2] if hit else None
+
+
+def find_overlap(outs: Iterable[str | os.PathLike], sources: Iterable[str | os.PathLike],
+                 hows: Sequence[str] = ("is", "contains", "lies inside")) -> tuple[Path, Path, str] | None:
+    """`overlap` of many outputs with many sources: the first (out, source, how) that
+    overlap in one of the ways `hows` (an output folder that files are written into may
+    contain an input: leave out "contains"), in the order of `outs`, or None. Each path is
+    resolved once and looked up in sets, so checking every output of a run against every
+    file it reads stays linear."""
+    resolved: dict[Path, Path] = {}
+    for s in sources:
+        resolved.setdefault(Path(os.path.realpath(s)), Path(s))
+    above: dict[Path, Path] = {}  # each folder above a source -> that source
+    for real, s in resolved.items():
+        for parent in real.parents:
+            above.setdefault(parent, s)
+    for o in outs:
+        real = Path(os.path.realpath(o))
+        if real in resolved and "is" in hows:
+            return Path(o), resolved[real], "is"
+        if real in above and "contains" in hows:
+            return Path(o), above[real], "contains"
+        inside = next((p for p in real.parents if p in resolved), None)
+        if inside is not None and "lies inside" in hows:
+            return Path(o), resolved[inside], "lies inside"
     return None

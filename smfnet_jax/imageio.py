@@ -67,6 +67,7 @@ __all__ = [
     "write_png",
     "write_npy",
     "IMAGE_EXTENSIONS",
+    "image_files",
     "list_images",
     "match_by_stem",
     "natural_key",
@@ -442,15 +443,20 @@ def natural_key(stem: str):
     return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", stem) if t]
 
 
+def image_files(folder) -> list[Path]:
+    """The image files at the top level of `folder`, sorted: IMAGE_EXTENSIONS, any case;
+    hidden files and sub-folders skipped; a broken link is kept, so that reading it reports
+    the problem. What the CLIs read, and so what no output may replace."""
+    return [p for p in sorted(Path(folder).iterdir())
+            if not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir()]
+
+
 def list_images(folder) -> tuple[dict[str, Path], list[tuple[str, str]]]:
-    """{stem: path} of the image files at the top level of `folder` (IMAGE_EXTENSIONS, any
-    case; hidden files and sub-folders skipped; a broken link is kept, so that reading it
-    reports the problem), and (stem, reason) for every stem that several files share."""
+    """{stem: path} of the `image_files` of `folder`, and (stem, reason) for every stem that
+    several files share."""
     folder = Path(folder)
     by_stem: dict[str, list[Path]] = {}
-    for p in sorted(folder.iterdir()):
-        if p.name.startswith(".") or p.suffix.lower() not in IMAGE_EXTENSIONS or p.is_dir():
-            continue
+    for p in image_files(folder):
         by_stem.setdefault(p.stem, []).append(p)
     images, problems = {}, []
     for stem, paths in by_stem.items():
