@@ -10,6 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from smfnet_jax.cli import overlap_problem
 from smfnet_jax.imageio import SCALE16_MODES, HighByteWarning
 
 
@@ -44,12 +45,16 @@ def writable_folder_problem(folder: Path, flag: str, create: bool) -> str | None
     return None
 
 
-def json_out_problem(path: Path, flag: str = "--json") -> str | None:
-    """None when the metrics JSON can be written at `path` (not a folder, its folder exists
-    and is writable); else the reason. Checked before any evaluation is done."""
+def json_out_problem(path: Path, flag: str = "--json", inputs: dict | None = None) -> str | None:
+    """None when a JSON file can be written at `path` (not a folder, its folder exists and is
+    writable, not one of `inputs`, {path read: how to name it}; it may lie in an input
+    folder); else the reason. Checked before any work is done."""
     if path.is_dir():
         return f"{flag} {path} is a folder; give a file name, e.g. {path / 'metrics.json'}"
-    return writable_folder_problem(path.parent, f"{flag} {path}:", create=False)
+    if not path.parent.is_dir():
+        return f"{flag} {path}: folder {path.parent} does not exist"
+    return (writable_folder_problem(path.parent, f"{flag} {path}: folder", create=False)
+            or overlap_problem(flag, [path], inputs or {}, hows=("is", "contains")))
 
 
 def add_scale16_argument(parser: argparse.ArgumentParser) -> None:

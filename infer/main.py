@@ -17,7 +17,11 @@ partner, ...) is reported by name with the reason and nothing is written for it;
 pairs are still fused and the run ends with a summary and exit status 1. A pair's outputs
 (NAME.png, NAME.npy, NAME_grid.png) appear together or not at all, and a failure never
 removes a file an earlier run wrote. Usage problems (missing folder, unwritable --out or
---json, ...) are found before the model loads: one line, exit status 2.
+--json, ...) are found before the model loads: one line, exit status 2. Among them: every
+output of the run is planned by name first, and one that would replace an input (an image
+of --ir or --vi, the --ckpt; or a pair's output in an input folder) or another output
+(pair `x`'s NAME_grid.png and pair `x_grid`'s image with --grid, a --json named as a fused
+image) is refused, nothing written.
 
 Memory: before a pair is decoded, its size (from the file header) is checked against the
 memory available (free device memory, or available RAM on CPU; see
@@ -31,6 +35,7 @@ summary are always printed.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -43,7 +48,9 @@ from infer.common import (EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAG
                           add_scale16_argument, json_out_problem, plain_warnings,
                           writable_folder_problem)
 from smfnet_jax.policy import DTYPES, IMPL_HELP, PRECISION_HELP, PRECISIONS
-from smfnet_jax.cli import Progress, exit_on_environment_error, program_name
+from smfnet_jax.cli import (Progress, exit_on_environment_error, input_images, overlap_problem,
+                            program_name)
+from smfnet_jax import fileio
 from smfnet_jax.fileio import write_together
 from smfnet_jax.imageio import (
     IMAGE_EXTENSIONS,
@@ -304,6 +311,17 @@ def grid_image(loaded: LoadedPair, output: np.ndarray) -> np.ndarray:
     return np.asarray(canvas)
 
 
+def output_paths(name: str, out_dir: Path, save_npy: bool, grid: bool) -> list[tuple[Path, str]]:
+    """(path, what) of the files a pair named `name` writes: NAME.png, NAME.npy, NAME_grid.png.
+    The one place output names are made; `output_problem` plans a whole run with it."""
+    paths = [(out_dir / f"{name}.png", "fused image")]
+    if save_npy:
+        paths.append((out_dir / f"{name}.npy", "raw output (--save-npy)"))
+    if grid:
+        paths.append((out_dir / f"{name}{GRID_SUFFIX}.png", "grid (--grid)"))
+    return paths
+
+
 def write_outputs(loaded: LoadedPair, fused: np.ndarray, out_dir: Path, normalize: bool,
                   save_npy: bool, grid: bool = False) -> list[Path]:
     """Write one pair's outputs, all or nothing; raises PairError with none of them written.
@@ -312,12 +330,11 @@ def write_outputs(loaded: LoadedPair, fused: np.ndarray, out_dir: Path, normaliz
     renamed only when all are complete), so a failure removes only this run's temporary
     files and never an output an earlier run left in `out_dir`."""
     image = render(loaded, fused, normalize)
-    name = loaded.pair.name
-    targets = [(out_dir / f"{name}.png", lambda p: write_png(p, image))]
-    if save_npy:
-        targets.append((out_dir / f"{name}.npy", lambda p: write_npy(p, fused)))
-    if grid:
-        targets.append((out_dir / f"{name}{GRID_SUFFIX}.png", lambda p: write_png(p, grid_image(loaded, image))))
+    writers = {"fused image": lambda p: write_png(p, image),
+               "raw output (--save-npy)": lambda p: write_npy(p, fused),
+               "grid (--grid)": lambda p: write_png(p, grid_image(loaded, image))}
+    targets = [(path, writers[what])
+               for path, what in output_paths(loaded.pair.name, out_dir, save_npy, grid)]
     try:
         return write_together(targets)
     except OSError as e:
@@ -420,28 +437,59 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_folders(args) -> str | None:
-    """A usage problem with the folders, or None."""
+    """A usage problem with the folders and flags, or None; creates nothing."""
     for flag, folder in (("--ir", args.ir), ("--vi", args.vi)):
         if not folder.is_dir():
             return f"{flag} {folder} is not a folder"
     if args.out.exists() and not args.out.is_dir():
         return f"--out {args.out} exists and is not a folder"
-    out = args.out.resolve()
-    for flag, folder in (("--ir", args.ir), ("--vi", args.vi)):
-        if out == folder.resolve():
-            return f"--out is the same folder as {flag} ({folder}): refusing to write among the inputs"
+    # The outputs are written into --out: it may hold the input folders, not be or lie in one.
+    problem = overlap_problem("--out", [args.out], input_folders(args), hows=("is", "lies inside"))
+    if problem:
+        return problem
     if not (args.ckpt.is_dir() or args.ckpt.is_file()):
         return f"--ckpt {args.ckpt} does not exist"
     if args.tile and (args.tile < 16 or not 0 <= args.overlap < args.tile // 2):
         return f"--tile {args.tile} --overlap {args.overlap}: need tile >= 16 and 0 <= overlap < tile/2"
     if args.batch < 1:
         return f"--batch {args.batch}: must be at least 1"
+    # A --json in the --out folder this run creates is checked once that folder exists (run).
+    if args.json is not None and fileio.overlap(args.json.parent, args.out) != "is":
+        return json_out_problem(args.json)
+    return None
+
+
+def input_folders(args) -> dict:
+    return {args.ir: "the --ir folder", args.vi: "the --vi folder"}
+
+
+def output_problem(args, pairs: list[Pair]) -> str | None:
+    """A usage problem with the files this run would write, or None. Every output is planned
+    by name before any work (`output_paths` of each pair, and --json); refused: one that is
+    an input file (an image of --ir or --vi, the --ckpt), a pair's output that lies in an
+    input folder, and two outputs that are one file (pairs `x` and `x_grid` with --grid),
+    all after resolving symlinks. Refused rather than renamed: each output keeps its pair's
+    stem, by which infer.evaluate matches it with its sources."""
+    inputs = input_images(args.ir, args.vi)
+    inputs[args.ckpt] = "the --ckpt checkpoint"  # a folder the outputs may lie in (a workdir)
+    planned = [(path, f"pair {pair.name}'s {what}") for pair in pairs
+               for path, what in output_paths(pair.name, args.out, args.save_npy, args.grid)]
+    paths = [path for path, _ in planned]
+    problem = (overlap_problem("--out", paths, inputs, hows=("is", "contains"))
+               or overlap_problem("--out", paths, input_folders(args)))
     if args.json is not None:
-        problem = json_out_problem(args.json)
-        if problem:
-            return problem
-    # Last, so that a usage error above creates nothing; before the model loads.
-    return writable_folder_problem(args.out, "--out", create=True)
+        problem = problem or overlap_problem("--json", [args.json], inputs, hows=("is", "contains"))
+        planned.append((args.json, "--json"))
+    if problem:
+        return problem
+    seen: dict[str, str] = {}
+    for path, who in planned:
+        key = os.path.realpath(path)
+        if key in seen:
+            hint = "choose another --json" if who == "--json" else "rename one of the pairs' files"
+            return f"{path}: {seen[key]} and {who} would both be written to this file; {hint}"
+        seen[key] = who
+    return None
 
 
 def run(args, fuser: Callable | None = None) -> int:
@@ -451,6 +499,12 @@ def run(args, fuser: Callable | None = None) -> int:
         return EXIT_USAGE
     args.evaluate = args.evaluate or args.json is not None
     pairs, failures = find_pairs(args.ir, args.vi)
+    # Last, so that a usage error creates nothing; before the model loads.
+    problem = (output_problem(args, pairs) or writable_folder_problem(args.out, "--out", create=True)
+               or (args.json is not None and json_out_problem(args.json)))
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     if not pairs and not failures:
         print(f"error: no images ({', '.join(IMAGE_EXTENSIONS)}) in {args.ir} or {args.vi}",
               file=sys.stderr)
