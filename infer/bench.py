@@ -29,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+from infer.common import json_out_problem
 from smfnet_jax.policy import DTYPES, IMPL_ENV, IMPL_HELP, PRECISION_HELP, PRECISIONS, resolve
 from smfnet_jax.cli import exit_on_environment_error, parse_sizes
 from smfnet_jax.fileio import atomic_write_json
@@ -209,6 +210,11 @@ def main(argv=None) -> int:
         return 2
     if not args.ckpt.exists():
         print(f"error: checkpoint {args.ckpt}: no such file or directory", file=sys.stderr)
+        return 2
+    problem = args.json is not None and json_out_problem(
+        args.json, inputs={args.ckpt: "the --ckpt checkpoint"})
+    if problem:  # before any work: a bad --json must not cost the whole benchmark
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     if args.worker:
         h, w = parse_sizes(args.worker)[0]

@@ -142,6 +142,13 @@ def main(argv=None) -> int:
         return 2
     if args.model_tiles and not args.tile:
         args.tile = 512
+    if args.json is not None and not args.child:
+        from infer.common import json_out_problem
+        problem = json_out_problem(
+            args.json, inputs={Path(args.ckpt): "the --ckpt checkpoint"} if args.ckpt else None)
+        if problem:  # before any work: a bad --json must not cost the measurement
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
     if args.child:
         print(json.dumps(child(args.child, args.ckpt, args.tile, args.model_tiles)))
         return 0

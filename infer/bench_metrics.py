@@ -22,7 +22,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from infer.common import json_out_problem
 from infer.evaluate import write_json_atomic
+from smfnet_jax.cli import input_images
 from smfnet_jax.imageio import match_by_stem, read_gray
 from smfnet_jax.metrics import evaluate_pair
 
@@ -66,6 +68,11 @@ def main(argv=None) -> int:
         if folder is not None and not folder.is_dir():
             print(f"error: {folder}: not a folder", file=sys.stderr)
             return 2
+    problem = args.json is not None and json_out_problem(
+        args.json, inputs=input_images(*(f for f in (ir_dir, vi_dir, args.fused) if f is not None)))
+    if problem:  # before any work: a bad --json must not cost the timings
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     if args.folder_workers and args.fused is None:
         print("error: --folder-workers needs --fused (the folder loop reads fused files)",
               file=sys.stderr)

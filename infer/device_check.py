@@ -29,6 +29,9 @@ from smfnet_jax.policy import IMPL_ENV, IMPL_HELP
 ROOT = Path(__file__).resolve().parent.parent
 
 
+FIXTURE_FILES = ("reference.npz", "smfnet_random_init.pth")
+
+
 def _fixtures(arg: Path | None) -> Path | None:
     if arg is not None:
         return arg
@@ -136,6 +139,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="folder with smfnet_random_init.pth and reference.npz "
                         "(default: $SMFNET_SHARED/fixtures/parity)")
     args = p.parse_args(argv)
+    folder = _fixtures(args.fixtures)
+    if args.json is not None:
+        from infer.common import json_out_problem
+        inputs = {} if folder is None else {folder / n: "the fixture" for n in FIXTURE_FILES}
+        problem = json_out_problem(args.json, inputs=inputs)
+        if problem:  # before any work: a bad --json must not cost the whole check
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
 
     from smfnet_jax.cli import exit_on_environment_error
     from smfnet_jax.runtime import configure_xla_cpu, enable_compilation_cache
@@ -148,7 +159,6 @@ def main(argv: list[str] | None = None) -> int:
     from smfnet_jax.runtime import describe_platform
 
     t_start = time.perf_counter()
-    folder = _fixtures(args.fixtures)
     have_fixtures = folder is not None and (folder / "reference.npz").is_file()
     rows = []
     if have_fixtures:

@@ -12,7 +12,8 @@ mean row, columns in the papers' order (EN SD SF AG MI SCD VIF Qabf SSIM MSE CC 
 values as null). A missing partner, an ambiguous stem, an unreadable file or images of
 different sizes are named on stderr and skipped; the others are still evaluated and the
 exit status is then 1. A --json that cannot be written (a folder, a missing or read-only
-folder) is a usage error found before any work (exit status 2).
+folder) or that is one of the images read is a usage error found before any work (exit
+status 2).
 
 ``evaluate_folders`` and ``format_table`` are reused by ``python -m infer.main --evaluate``.
 """
@@ -29,7 +30,7 @@ import numpy as np
 
 from infer.common import (EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, GRID_SUFFIX, add_scale16_argument,
                           json_out_problem, plain_warnings)
-from smfnet_jax.cli import Progress, program_name
+from smfnet_jax.cli import Progress, input_images, program_name
 from smfnet_jax.fileio import atomic_write_json
 from smfnet_jax.imageio import IMAGE_EXTENSIONS, match_by_stem, natural_key, read_gray
 from smfnet_jax.metrics import METRIC_NAMES, evaluate_pair
@@ -200,7 +201,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not folder.is_dir():
             print(f"error: --{flag} {folder}: not a folder", file=sys.stderr)
             return EXIT_USAGE
-    problem = args.json is not None and json_out_problem(args.json)
+    problem = args.json is not None and json_out_problem(
+        args.json, inputs=input_images(args.ir, args.vi, args.fused))
     if problem:  # before any work: a bad --json must not cost a whole evaluation
         print(f"error: {problem}", file=sys.stderr)
         return EXIT_USAGE
