@@ -142,10 +142,10 @@ def test_skip_report_and_exit_codes(pair_folder, tmp_path, capsys):
 
 
 def test_bad_layout_and_nothing_usable(tmp_path, capsys):
-    assert P.main(["--src", str(tmp_path / "nope"), "--out", str(tmp_path / "x.h5")]) == 1
+    assert P.main(["--src", str(tmp_path / "nope"), "--out", str(tmp_path / "x.h5")]) == 2  # usage
     assert "not a folder" in capsys.readouterr().err
     (tmp_path / "s" / "ir").mkdir(parents=True)
-    assert P.main(["--src", str(tmp_path / "s"), "--out", str(tmp_path / "x.h5")]) == 1
+    assert P.main(["--src", str(tmp_path / "s"), "--out", str(tmp_path / "x.h5")]) == 2
     assert "no 'vi/' subfolder" in capsys.readouterr().err
     # images smaller than the patch: no patches -> error, and no file left behind
     (tmp_path / "s" / "vi").mkdir()

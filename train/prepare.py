@@ -26,7 +26,9 @@ interchangeable with the reference's:
 Images that cannot be read, stems present in only one folder, and pairs whose two images differ
 in size are reported by name and skipped; the run still succeeds (exit 0, with a warning
 summary) unless no patch at all could be written (exit 1) or ``--strict`` is given (exit 1
-when anything was skipped; the H5 is still written). The H5 is written under a temporary name
+when anything was skipped; the H5 is still written). Usage errors are one line, exit status
+2, before any work: a --patch or --stride below 1, a --src without ir/ and vi/, an --out
+that is a folder or one of the input images. The H5 is written under a temporary name
 in the output folder and renamed at the end, so an interrupted run never leaves a partial file
 under the final name.
 """
@@ -43,7 +45,7 @@ import numpy as np
 from tqdm import tqdm
 
 from smfnet_jax.fileio import atomic_path
-from smfnet_jax.cli import Progress, program_name
+from smfnet_jax.cli import Progress, input_images, overlap_problem, program_name
 from smfnet_jax.imageio import ImageReadError, match_by_stem, read_image
 
 IR_GROUP = "ir_patchs"
@@ -52,7 +54,12 @@ LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 
 
 class PrepareError(RuntimeError):
-    """Nothing usable could be prepared (bad folder layout, no pairs, no patches)."""
+    """Nothing usable could be prepared (no pairs, no patches; exit status 1)."""
+
+
+class PrepareUsageError(PrepareError):
+    """The arguments cannot work (a bad --patch or --stride, --src without ir/ and vi/, an
+    --out that is a folder or an input image); found before any work, exit status 2."""
 
 
 @dataclasses.dataclass
@@ -136,17 +143,23 @@ def low_contrast_mask(patches: np.ndarray, fraction: float = 0.1,
 # ---------------------------------------------------------------------------------------------
 # Folder handling.
 
+def source_folders(src) -> dict[str, Path]:
+    """{"ir": SRC/ir, "vi": SRC/vi}; PrepareUsageError when `src` does not hold both."""
+    src = Path(src)
+    if not src.is_dir():
+        raise PrepareUsageError(f"--src {src}: not a folder")
+    folders = {sub: src / sub for sub in ("ir", "vi")}
+    for sub, folder in folders.items():
+        if not folder.is_dir():
+            raise PrepareUsageError(f"--src {src}: has no '{sub}/' subfolder "
+                                    f"(expected {src}/ir and {src}/vi)")
+    return folders
+
+
 def find_pairs(src: Path) -> tuple[list[tuple[str, Path, Path]], list[tuple[str, str]]]:
     """(stem, ir_path, vi_path) pairs of `src` in sorted stem order, and (stem, reason) for
     the files that have no partner or share their stem (`imageio.match_by_stem`)."""
-    src = Path(src)
-    if not src.is_dir():
-        raise PrepareError(f"--src {src} is not a folder")
-    folders = {}
-    for sub in ("ir", "vi"):
-        folders[sub] = src / sub
-        if not folders[sub].is_dir():
-            raise PrepareError(f"{src} has no '{sub}/' subfolder (expected {src}/ir and {src}/vi)")
+    folders = source_folders(src)
     matches, problems = match_by_stem(folders)
     # plain sorted order, as the reference's sorted() file lists: the same patch numbering
     return sorted((stem, paths["ir"], paths["vi"]) for stem, paths in matches), problems
@@ -165,14 +178,19 @@ def load_pair(ir_path: Path, vi_path: Path) -> tuple[np.ndarray, np.ndarray]:
 def prepare(src: str | os.PathLike, out: str | os.PathLike, patch: int = 128, stride: int = 200,
             *, progress: bool = True, log=None) -> PrepareReport:
     """Write the patch H5 for the pairs in `src` to `out`; see the module docstring."""
-    if patch <= 0 or stride <= 0:
-        raise PrepareError(f"patch and stride must be positive, got patch={patch}, stride={stride}")
+    for flag, value in (("--patch", patch), ("--stride", stride)):
+        if value < 1:
+            raise PrepareUsageError(f"{flag} {value}: must be at least 1 (pixels)")
     log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))  # above a progress bar
     out = Path(out)
     if out.is_dir():  # refused before any work (the atomic rename would fail only at the end)
-        raise PrepareError(f"--out {out} is a folder: give the path of the H5 file to write")
+        raise PrepareUsageError(f"--out {out} is a folder: give the path of the H5 file to write")
     report = PrepareReport(out=out)
     pairs, problems = find_pairs(Path(src))
+    problem = overlap_problem("--out", [out], input_images(*source_folders(src).values()),
+                              hows=("is", "contains"))
+    if problem:
+        raise PrepareUsageError(problem)
     report.pairs_found = len(pairs)
     for name, reason in problems:
         log(f"skipping {name}: {reason}")
@@ -230,14 +248,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="exit with status 1 when any image was skipped (the H5 is still written)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    if Path(args.out).is_dir():  # before any work: the H5 is written by one rename at the end
-        print(f"error: --out {args.out} is a folder: give the path of the H5 file to write", file=sys.stderr)
-        return 2
     try:
         report = prepare(args.src, args.out, args.patch, args.stride, progress=not args.quiet)
     except PrepareError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, PrepareUsageError) else 1
     print(f"wrote {report.patches_written} patch pairs to {report.out} "
           f"({report.pairs_used} of {report.pairs_found} pairs used; "
           f"{report.patches_low_contrast} of {report.patches_total} patches dropped as low-contrast)")
