@@ -43,7 +43,7 @@ from infer.common import (EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAG
                           add_scale16_argument, json_out_problem, plain_warnings,
                           writable_folder_problem)
 from smfnet_jax.policy import DTYPES, IMPL_HELP, PRECISION_HELP, PRECISIONS
-from smfnet_jax.cli import Progress, exit_on_environment_error, program_name
+from smfnet_jax.cli import Progress, exit_on_environment_error, program_name, restore_checkpoint
 from smfnet_jax.fileio import write_together
 from smfnet_jax.imageio import (
     IMAGE_EXTENSIONS,
@@ -430,6 +430,9 @@ def check_folders(args) -> str | None:
     for flag, folder in (("--ir", args.ir), ("--vi", args.vi)):
         if out == folder.resolve():
             return f"--out is the same folder as {flag} ({folder}): refusing to write among the inputs"
+    problem = restore_checkpoint(args.ckpt, "--ckpt")  # one an interrupted convert --force set aside
+    if problem:
+        return problem
     if not (args.ckpt.is_dir() or args.ckpt.is_file()):
         return f"--ckpt {args.ckpt} does not exist"
     if args.tile and (args.tile < 16 or not 0 <= args.overlap < args.tile // 2):
