@@ -300,3 +300,35 @@ def test_a_finished_swap_leftover_is_cleaned_by_the_next_write(tmp_path, monkeyp
     os.rename(_converted(tmp_path / "older", monkeypatch, "older"), stale)
     save_converted(ck, None, None, {"which": "newest"}, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"] and _which(ck) == "newest"
+
+
+# ------------------------------------------------------------------ row 13: infer.export arguments
+
+def test_export_refuses_repeated_platforms(tmp_path, capsys):
+    from infer import export
+    from smfnet_jax.export import export_fusion
+    ckpt = tmp_path / "m.pth"
+    ckpt.write_bytes(b"PK unused")
+    with pytest.raises(SystemExit) as e:
+        export.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "m.jaxexport"), "--platforms", "cpu,cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].endswith("error: --platforms cpu,cpu: cpu given more than once"), err
+    with pytest.raises(ValueError, match="cpu given more than once"):
+        export_fusion(None, ("cpu", "cuda", "cpu"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pth"]
+
+
+@pytest.mark.parametrize("suffix", [".jaxexport", ".onnx"])
+def test_export_refuses_an_exported_model_as_checkpoint(tmp_path, capsys, suffix):
+    from infer import export
+    ckpt = tmp_path / f"m{suffix}"
+    ckpt.write_bytes(b"an exported model")
+    with pytest.raises(SystemExit) as e:
+        export.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "again.jaxexport")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2, err
+    assert err[-1].endswith(f"error: --ckpt {ckpt}: is an exported model, which cannot be exported again "
+                            "(its weights and compute policy are baked in): pass the checkpoint it was "
+                            "exported from (.pth, .safetensors, orbax folder or training workdir)"), err
+    assert "policy cannot change it" not in "\n".join(err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ckpt.name]
