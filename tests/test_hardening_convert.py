@@ -332,3 +332,26 @@ def test_export_refuses_an_exported_model_as_checkpoint(tmp_path, capsys, suffix
                             "exported from (.pth, .safetensors, orbax folder or training workdir)"), err
     assert "policy cannot change it" not in "\n".join(err)
     assert sorted(p.name for p in tmp_path.iterdir()) == [ckpt.name]
+
+
+def test_export_restores_a_set_aside_checkpoint_and_refuses_an_out_inside_it(tmp_path, monkeypatch, capsys):
+    from infer import export
+    from smfnet_jax import api
+    ck = _converted(tmp_path / "ck", monkeypatch, "previous")
+    _set_aside(ck)
+    loaded = []
+
+    def load_fuser(path, **kw):
+        loaded.append(_which(Path(path)))
+        raise ValueError("stand-in: not a real model")
+
+    monkeypatch.setattr(api, "load_fuser", load_fuser)
+    assert export.main(["--ckpt", str(ck), "--out", str(tmp_path / "m.jaxexport")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert loaded == ["previous"] and err[0].startswith(f"note: restored {ck} from .ck."), err
+    with pytest.raises(SystemExit) as e:
+        export.main(["--ckpt", str(ck), "--out", str(ck / "m.jaxexport")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].endswith(f"error: --out {ck / 'm.jaxexport'}: lies inside the "
+                                                  f"checkpoint being read (--ckpt {ck}): write the output elsewhere"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"] and sorted(p.name for p in ck.iterdir()) == ["0"]
