@@ -16,6 +16,11 @@ The `.pth` is read by a restricted unpickler that refuses, before running anythi
 pickle global a tensor checkpoint does not need, within a memory budget (raise it with
 SMFNET_CKPT_MAX_BYTES=8G for a larger trusted file). Non-finite weights and dtypes other
 than float32/float16/bfloat16/float64 are refused, naming the tensor.
+Refused before any work, even with --force (one line): an output that is, contains or lies
+inside the checkpoint being read (after resolving symlinks), and an existing --out folder
+that is not a converted checkpoint (a training workdir, a folder of other files); --force
+replaces only a converted checkpoint or a file. If a run with --force was killed while
+swapping the new checkpoint in, the next run (or any reader) puts the previous one back.
 Exit status: 0 done, 2 bad arguments or an unusable checkpoint (one-line error).
 """
 from __future__ import annotations
@@ -24,7 +29,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from smfnet_jax.cli import exit_on_environment_error, program_name
+from smfnet_jax.cli import exit_on_environment_error, program_name, restore_checkpoint
+from smfnet_jax.fileio import overlap
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,20 +52,50 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def output_problem(source: Path, source_flag: str, out: Path, out_flag: str, to_orbax: bool) -> str | None:
+    """Why `out` must never be written, whatever --force says (the error line's text), or None.
+
+    An output that is, contains or lies inside the checkpoint being read would destroy or
+    corrupt it; an orbax output replaces only a converted checkpoint of ours (or an empty
+    folder); a file output is never a folder."""
+    how = overlap(out, source)
+    if how:
+        why = {"is": "", "contains": ", which replacing it would delete",
+               "lies inside": ", which writing there would alter"}[how]
+        return (f"{out_flag} {out}: {how} the checkpoint being read ({source_flag} {source}){why}: "
+                "write the output elsewhere (--force never replaces an input)")
+    if to_orbax:
+        from smfnet_jax.checkpoint import replace_problem
+        problem = replace_problem(out)
+        if problem and out.is_dir():
+            return (f"{out_flag} {out}: {problem}: refusing to replace it, even with --force; "
+                    "give a new or an empty folder")
+        if problem:
+            return (f"{out_flag} {out}: {problem}: refusing to replace it with one (--out "
+                    "NAME.safetensors writes a file, --to-pth a .pth)")
+    elif out.is_dir():
+        return f"{out_flag} {out}: is a folder: give the path of the file to write"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     exit_on_environment_error()
-    source = args.pth if args.pth is not None else args.ckpt
-    out = args.out if args.out is not None else args.to_pth
+    source, source_flag = (args.pth, "--pth") if args.pth is not None else (args.ckpt, "--ckpt")
+    out, out_flag = (args.out, "--out") if args.out is not None else (args.to_pth, "--to-pth")
     to_safetensors = args.out is not None and args.out.suffix == ".safetensors"
     to_orbax = args.out is not None and not to_safetensors
+    problem = (restore_checkpoint(source, source_flag)
+               or (restore_checkpoint(out, out_flag) if to_orbax else None)
+               or output_problem(source, source_flag, out, out_flag, to_orbax))
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     if out.exists() and not args.force and (
             not to_orbax or not out.is_dir() or any(out.iterdir())):
         parser.error(f"{out} exists{' and is not empty' if to_orbax else ''}; "
                      "pass --force to replace it")
-    if out.resolve() == source.resolve():
-        parser.error(f"the output {out} is the checkpoint being read")
 
     from smfnet_jax.checkpoint import (load_checkpoint, save_converted,
                                        save_safetensors_checkpoint)

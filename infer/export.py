@@ -20,6 +20,8 @@ dtype) is fixed at export. Without smfnet-jax: the bytes after the first two lin
 and `vi`, output `fused`, dynamic B, H, W, the weights inside the one file; it is made from
 XLA's convolutions (routines xla) in float32, and the runtime chooses its own precision.
 
+An exported file is not a checkpoint here (--ckpt FILE.jaxexport is refused: pass the checkpoint
+it was exported from), and a platform named twice in --platforms is refused.
 Exit status: 0 written, 2 bad arguments or an unusable checkpoint (one line).
 """
 from __future__ import annotations
@@ -29,7 +31,8 @@ import sys
 import time
 from pathlib import Path
 
-from smfnet_jax.cli import exit_on_environment_error, program_name
+from smfnet_jax.cli import exit_on_environment_error, program_name, restore_checkpoint
+from smfnet_jax.fileio import overlap
 from smfnet_jax.policy import DTYPES, PRECISION_HELP, PRECISIONS
 
 FORMATS = (".jaxexport", ".onnx")
@@ -62,10 +65,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.out.suffix not in FORMATS:
         parser.error(f"--out {args.out}: the extension chooses the format; expected one of {', '.join(FORMATS)}")
     platforms = tuple(p.strip() for p in args.platforms.split(",") if p.strip())
-    from smfnet_jax.export import PLATFORMS
-    unknown = [p for p in platforms if p not in PLATFORMS]
-    if not platforms or unknown:
-        parser.error(f"--platforms {args.platforms}: expected some of {', '.join(PLATFORMS)}")
+    from smfnet_jax.export import platforms_problem
+    problem = platforms_problem(platforms)
+    if problem:
+        parser.error(f"--platforms {args.platforms}: {problem}")
+    if args.ckpt.suffix in FORMATS:  # what load_fuser takes for an exported model
+        parser.error(f"--ckpt {args.ckpt}: is an exported model, which cannot be exported again "
+                     "(its weights and compute policy are baked in): pass the checkpoint it was "
+                     "exported from (.pth, .safetensors, orbax folder or training workdir)")
+    problem = restore_checkpoint(args.ckpt, "--ckpt")  # one an interrupted convert --force set aside
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    how = overlap(args.out, args.ckpt)
+    if how:
+        parser.error(f"--out {args.out}: {how} the checkpoint being read (--ckpt {args.ckpt}): "
+                     "write the output elsewhere")
     if args.out.is_dir():
         parser.error(f"--out {args.out} is a folder")
     if args.out.exists() and not args.force:

@@ -49,7 +49,7 @@ from infer.common import (EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAG
                           writable_folder_problem)
 from smfnet_jax.policy import DTYPES, IMPL_HELP, PRECISION_HELP, PRECISIONS
 from smfnet_jax.cli import (Progress, exit_on_environment_error, input_images, overlap_problem,
-                            program_name)
+                            program_name, restore_checkpoint)
 from smfnet_jax import fileio
 from smfnet_jax.fileio import write_together
 from smfnet_jax.imageio import (
@@ -445,6 +445,9 @@ def check_folders(args) -> str | None:
         return f"--out {args.out} exists and is not a folder"
     # The outputs are written into --out: it may hold the input folders, not be or lie in one.
     problem = overlap_problem("--out", [args.out], input_folders(args), hows=("is", "lies inside"))
+    if problem:
+        return problem
+    problem = restore_checkpoint(args.ckpt, "--ckpt")  # one an interrupted convert --force set aside
     if problem:
         return problem
     if not (args.ckpt.is_dir() or args.ckpt.is_file()):

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +47,11 @@ SAFETENSORS_VERSION = "1"
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the path and the reason."""
+
+
+class CheckpointRestoredWarning(UserWarning):
+    """A checkpoint that an interrupted `save_converted(overwrite=True)` had set aside was
+    put back under its name (`restore_interrupted_swap`); the message says from where."""
 
 
 @dataclass
@@ -76,6 +83,79 @@ def set_model_state(model: SMFNet, pure: dict) -> None:
     nnx.update(model, state)
 
 
+CONVERTED_ITEMS = frozenset({MODEL_ITEM, EXTRAS_ITEM, META_ITEM})
+
+
+def replace_problem(directory: str | os.PathLike) -> str | None:
+    """Why `save_converted(directory, overwrite=True)` must not replace what is at `directory`,
+    or None when it may: nothing there, an empty folder, or an orbax checkpoint as
+    `save_converted` writes it (step folders, each an orbax step of the items `model` and
+    optionally `extras`, `meta`, and nothing else). Anything else, a training workdir
+    included (one of ours, but only as a source), holds data that a replacement would delete."""
+    directory = Path(directory)
+    if not directory.exists():
+        return None
+    if not directory.is_dir():
+        return "is a file, not an orbax checkpoint folder"
+    entries = sorted(directory.iterdir())
+    if (directory / TRAIN_CHECKPOINT_SUBDIR).is_dir():
+        return "is a training workdir, not a converted checkpoint"
+    others = [p.name for p in entries if not (p.name.isdigit() and p.is_dir())]
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        return f"is a folder that is not a converted orbax checkpoint (it holds {shown})"
+    for step in entries:
+        items = {p.name for p in step.iterdir() if p.is_dir()}
+        if MODEL_ITEM not in items or not items <= CONVERTED_ITEMS:
+            return (f"is not a converted orbax checkpoint (its step {step.name} holds "
+                    f"{', '.join(sorted(items)) or 'no items'})")
+    return None
+
+
+def _swap_names(directory: Path, suffix: str) -> list[Path]:
+    """The staging (`.tmp`) or set-aside (`.old`) folders `save_converted` names after
+    `directory`: `.NAME.<12 hex digits>.SUFFIX` beside it."""
+    pattern = re.compile(rf"\.{re.escape(directory.name)}\.[0-9a-f]{{12}}\.{suffix}")
+    try:
+        return sorted(p for p in directory.parent.iterdir() if pattern.fullmatch(p.name))
+    except OSError:  # no parent folder: nothing was swapped there
+        return []
+
+
+def restore_interrupted_swap(directory: str | os.PathLike) -> str | None:
+    """Put back the checkpoint that an interrupted `save_converted(overwrite=True)` set aside.
+
+    The swap renames the old checkpoint to `.NAME.<tag>.old`, then the complete new one from
+    `.NAME.<tag>.tmp` to NAME; a process killed between the two leaves no NAME, only those
+    two. The `.old` is the previous checkpoint, complete; the `.tmp` is not provably complete
+    (the run never said it finished), so the `.old` is renamed back and the `.tmp` deleted.
+    Returns a one-line note when it restored, None when there was nothing to restore (NAME
+    exists, or no such leftover). A set-aside `.old` without its `.tmp` (or several) is not
+    restored by guesswork: CheckpointError says where it is."""
+    directory = Path(directory).absolute()
+    if directory.exists() or directory.is_symlink():
+        return None
+    olds = _swap_names(directory, "old")
+    if not olds:
+        return None
+    staged = {p.name for p in _swap_names(directory, "tmp")}
+    if len(olds) == 1 and olds[0].name[:-len("old")] + "tmp" in staged:
+        old, tmp = olds[0], olds[0].with_name(olds[0].name[:-len("old")] + "tmp")
+        try:
+            os.rename(old, directory)
+        except OSError as e:
+            raise CheckpointError(
+                f"{directory}: missing; an interrupted conversion with --force left the previous "
+                f"checkpoint at {old}; rename it to {directory.name} (could not here: "
+                f"{e.strerror or e})") from None
+        shutil.rmtree(tmp, ignore_errors=True)
+        return (f"restored {directory} from {old.name}, where an interrupted conversion with "
+                "--force had left it")
+    where = ", ".join(str(p) for p in olds)
+    raise CheckpointError(f"{directory}: missing; an earlier conversion with --force set the previous "
+                          f"checkpoint aside at {where}: rename the one to keep to {directory.name}")
+
+
 def save_converted(directory: str | os.PathLike, model: SMFNet, extras: dict | None,
                    meta: dict, *, overwrite: bool = False) -> None:
     """Write a one-step orbax checkpoint directory.
@@ -83,14 +163,26 @@ def save_converted(directory: str | os.PathLike, model: SMFNet, extras: dict | N
     It is written beside `directory` and renamed into place once complete, so a failure
     leaves no partial directory. `overwrite` replaces an existing one: the old directory is
     renamed aside, the new one renamed in, then the old one deleted (a failure before the
-    swap leaves the old checkpoint intact). Without it, an existing non-empty directory is
-    a CheckpointError.
+    swap leaves the old checkpoint intact; a process killed between the two renames leaves
+    the old one aside, which `restore_interrupted_swap` puts back, as this function and
+    `load_checkpoint` do first). Only a converted checkpoint (or an empty folder) is ever
+    replaced (`replace_problem`); without `overwrite`, an existing non-empty directory is a
+    CheckpointError too.
     """
     ocp = _ocp()
     directory = Path(directory).absolute()
-    if directory.exists() and not overwrite and (not directory.is_dir() or any(directory.iterdir())):
+    note = restore_interrupted_swap(directory)
+    if note:
+        warnings.warn(CheckpointRestoredWarning(note), stacklevel=2)
+    problem = replace_problem(directory)
+    if problem:
+        raise CheckpointError(f"{directory} {problem}: refusing to replace it")
+    if directory.exists() and not overwrite and any(directory.iterdir()):
         raise CheckpointError(f"{directory} exists; pass --force (overwrite=True) to replace it")
     directory.parent.mkdir(parents=True, exist_ok=True)
+    if directory.exists():  # superseded checkpoints a killed swap left behind: --force meant to delete them
+        for stale in _swap_names(directory, "old"):
+            _remove(stale)
     tag = secrets.token_hex(6)
     tmp = directory.parent / f".{directory.name}.{tag}.tmp"
     old = directory.parent / f".{directory.name}.{tag}.old"
@@ -107,15 +199,20 @@ def save_converted(directory: str | os.PathLike, model: SMFNet, extras: dict | N
         try:
             os.replace(tmp, directory)
         except BaseException:
-            if old.exists():
+            if old.exists() or old.is_symlink():
                 os.replace(old, directory)
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    if old.is_dir():
-        shutil.rmtree(old, ignore_errors=True)
-    elif old.exists():
-        old.unlink()
+    _remove(old)
+
+
+def _remove(path: Path) -> None:
+    """Delete a folder, a file or a link (not what a link points to); nothing if absent."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def save_safetensors_checkpoint(path: str | os.PathLike, model: SMFNet, extras: dict | None,
@@ -281,5 +378,8 @@ def load_checkpoint(path: str | os.PathLike, step: int | None = None) -> Loaded:
     if path.is_file():
         return load_safetensors_model(path) if is_safetensors(path) else load_pth_model(path)
     if not path.exists():
-        raise CheckpointError(f"{path}: no such file or directory")
+        note = restore_interrupted_swap(path)
+        if note is None:
+            raise CheckpointError(f"{path}: no such file or directory")
+        warnings.warn(CheckpointRestoredWarning(note), stacklevel=2)
     return _restore_dir(path, step)

@@ -89,6 +89,28 @@ def exit_on_environment_error() -> None:
         raise SystemExit(2)
 
 
+def restore_checkpoint(path, flag: str) -> str | None:
+    """A checkpoint path given to a CLI that is missing because a conversion with --force was
+    killed mid-swap: put the previous checkpoint back (`checkpoint.restore_interrupted_swap`),
+    saying so in one 'note: ...' line on stderr. Returns the error line's text (without
+    'error: ') when it cannot, saying where the previous checkpoint is; else None."""
+    import glob
+    from pathlib import Path
+    path = Path(path)
+    # Cheap guard first: the checkpoint module imports JAX.
+    if path.exists() or path.is_symlink() or not glob.glob(
+            os.path.join(glob.escape(str(path.parent)), f".{glob.escape(path.name)}.*.old")):
+        return None
+    from smfnet_jax.checkpoint import CheckpointError, restore_interrupted_swap
+    try:
+        note = restore_interrupted_swap(path)
+    except CheckpointError as e:
+        return f"{flag} {e}"
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    return None
+
+
 class Progress:
     """A tqdm bar on a terminal; elsewhere (a log file, CI) plain lines instead of a bar's
     carriage returns: one after the first item, then at most every `every_s` seconds, and

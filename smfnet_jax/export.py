@@ -56,11 +56,24 @@ def export_fusion(fuser, platforms=("cpu",)) -> jax.export.Exported:
     """`fuser` (an `api.Fuser`) as an Exported for `platforms`, weights baked in, symbolic
     N, H, W. Lowering for cuda/tpu works on a CPU-only machine (nothing runs)."""
     platforms = tuple(platforms)
-    unknown = [p for p in platforms if p not in PLATFORMS]
-    if not platforms or unknown:
-        raise ValueError(f"platforms {list(platforms)}: expected some of {', '.join(PLATFORMS)}")
+    problem = platforms_problem(platforms)
+    if problem:
+        raise ValueError(f"platforms {list(platforms)}: {problem}")
     spec = _symbolic_pair_spec("n, h, w")
     return jax.export.export(jax.jit(_weights_baked_in(fuser)), platforms=platforms)(spec, spec)
+
+
+def platforms_problem(platforms) -> str | None:
+    """Why `platforms` is not a list to export for (empty, unknown or repeated names), or None.
+    A repeated name would be lowered twice and would read as several platforms (whose
+    routines default to xla), so it is refused rather than merged."""
+    unknown = [p for p in platforms if p not in PLATFORMS]
+    if not platforms or unknown:
+        return f"expected some of {', '.join(PLATFORMS)}"
+    repeated = sorted({p for p in platforms if list(platforms).count(p) > 1})
+    if repeated:
+        return f"{', '.join(repeated)} given more than once"
+    return None
 
 
 def _weights_baked_in(fuser):
