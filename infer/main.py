@@ -378,9 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "Pairs are matched by file stem; PNG, JPEG, BMP, TIFF and PNM files (8- or 16-bit, "
                     "1 or 3 channels) are read.",
         epilog="Exit status: 0 when every pair was fused, 1 when some pair failed (each is "
-               "reported with its reason), 2 for a usage error, 3 when --evaluate found a metric value "
-               "undefined (e.g. CC of a constant image; each is named), 130 when interrupted (Ctrl-C; every output "
-               "written by then is complete). " + IMPL_HELP)
+               "reported with its reason), 2 for a usage error, 3 when --evaluate found a metric "
+               "value undefined (e.g. CC of a constant image; each is named), 130 when "
+               "interrupted (Ctrl-C; every output written by then is complete). " + IMPL_HELP)
     p.add_argument("--ckpt", required=True, type=Path,
                    help="orbax checkpoint directory (from convert.main or training) or a released .pth file")
     p.add_argument("--ir", required=True, type=Path,

@@ -140,3 +140,175 @@ def test_infer_main_evaluate_reports_undefined_values(tmp_path, monkeypatch, cap
         "a correlation is 0/0; left out of the mean" for s in ("x", "y")]
     assert "n/a (0 of 2)" in captured.out.splitlines()[-1]
     assert json.loads((tmp_path / "m.json").read_text())["mean"]["SCD"] is None
+
+
+# --------------------------------------------------------------------------- training H5 files
+def _h5(path, n: int = 4, size: int = 8):
+    from train.data import write_synthetic_h5
+    return write_synthetic_h5(path, n=n, size=size, seed=1)
+
+
+def _no_pixel_reads(monkeypatch):
+    """Make any read of dataset values fail the test (metadata stays readable)."""
+    import h5py
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError(f"read {self.name} before refusing the file")
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", refuse)
+
+
+def _train(cfg_changes: dict, workdir, capsys, base: str = "smoke") -> tuple[int, list[str]]:
+    """train.main.run in-process with a config from train/configs (no compile happens: the
+    data is refused first); returns (exit status, stderr lines)."""
+    import importlib
+    from ml_collections import config_dict
+    from train import main as train_main
+    cfg = importlib.import_module(f"train.configs.{base}").get_config()
+    cfg.progress, cfg.data.crop_size = False, 0
+    for key, value in cfg_changes.items():
+        section, name = key.split(".")
+        cfg[section][name] = value
+    rc = train_main.run(config_dict.FrozenConfigDict(cfg), str(workdir))
+    return rc, capsys.readouterr().err.strip().splitlines()
+
+
+def _break(f, how: str) -> str:
+    """Replace a patch (or a group) of the open H5 `f` by a broken link; returns the key."""
+    import h5py
+    if how == "dangling soft link":
+        del f["ir_patchs/2"]
+        f["ir_patchs/2"] = h5py.SoftLink("/nowhere")
+        return "ir_patchs/2"
+    if how == "dangling external link":
+        del f["vis_patchs/1"]
+        f["vis_patchs/1"] = h5py.ExternalLink("missing_patches.h5", "/vis_patchs/1")
+        return "vis_patchs/1"
+    if how == "soft-link loop":
+        for a, b in (("2", "3"), ("3", "2")):
+            del f[f"ir_patchs/{a}"]
+            f[f"ir_patchs/{a}"] = h5py.SoftLink(f"/ir_patchs/{b}")
+        return "ir_patchs/2"
+    if how == "group loop":
+        del f["vis_patchs"]
+        f["vis_patchs"] = h5py.SoftLink("/vis_patchs")
+        return "vis_patchs"
+    raise ValueError(how)
+
+
+@pytest.mark.parametrize("how,reason", [
+    ("dangling soft link", "is a soft link to '/nowhere', which does not exist (a dangling link)"),
+    ("dangling external link", "is an external link to '/vis_patchs/1' in missing_patches.h5, "
+                               "which cannot be followed ("),
+    ("soft-link loop", "is a link to '/ir_patchs/3' in a loop of links that never reaches an object"),
+    ("group loop", "is a link to '/vis_patchs' in a loop of links that never reaches an object"),
+])
+def test_broken_links_in_training_h5_are_one_line_exit_2(how, reason, tmp_path, capsys):
+    import h5py
+    path = _h5(tmp_path / "patches.h5")
+    with h5py.File(path, "a") as f:
+        key = _break(f, how)
+    rc, err = _train({"data.h5": str(path)}, tmp_path / "w", capsys)
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: {path}: '{key}' {reason}"), err
+
+
+def test_link_broken_after_open_is_named_when_read(tmp_path):
+    """Patches the open-time sample does not read are checked when training reads them."""
+    import h5py
+    from train.data import BadPatchError, H5PairSource
+    path = _h5(tmp_path / "patches.h5", n=40)
+    src = H5PairSource(path)
+    src.close()
+    key = "ir_patchs/17"  # not among the sampled patches
+    with h5py.File(path, "a") as f:
+        del f[key]
+        f[key] = h5py.SoftLink("/gone")
+    with pytest.raises(BadPatchError, match=f"'{key}' is a soft link to '/gone', which does not exist"):
+        src[int(key.split("/")[1])]
+
+
+def _declared_huge(path, side: int = 4096, n: int = 2):
+    """n pairs of (1, side, side) float32 patches, chunked and gzip'ed, one chunk written:
+    a few kB on disk declaring n * 2 * side^2 * 4 bytes."""
+    import h5py
+    with h5py.File(path, "w") as f:
+        for group in ("ir_patchs", "vis_patchs"):
+            g = f.create_group(group)
+            for i in range(n):
+                d = g.create_dataset(str(i), shape=(1, side, side), dtype=np.float32,
+                                     chunks=(1, 512, 512), compression="gzip", fillvalue=0.5)
+                d[0, 0, 0] = 0.25
+    return path
+
+
+def test_huge_declared_patches_refused_against_the_config_before_any_read(tmp_path, monkeypatch,
+                                                                          capsys):
+    path = _declared_huge(tmp_path / "bomb.h5")
+    assert path.stat().st_size < 64 << 10  # the premise: tiny on disk, 4 x 64 MiB declared
+    _no_pixel_reads(monkeypatch)
+    rc, err = _train({"data.h5": str(path)}, tmp_path / "w", capsys, base="msrs")
+    assert rc == 2 and err == [
+        f"error: {path}: patch 'ir_patchs/0' is 4096x4096, not the 128x128 of the config "
+        "(data.patch_size=128); set data.patch_size to the file's patch size (0: any size)"], err
+
+
+def test_huge_declared_patches_refused_by_the_read_budget(tmp_path, monkeypatch, capsys):
+    """With any patch size allowed (data.patch_size=0), the checkpoint readers' budget still
+    refuses the file from its metadata: a deflate/fill-value bomb, or a record over the limit."""
+    from train.data import BadPatchError, H5PairSource
+    bomb = _declared_huge(tmp_path / "bomb.h5")
+    _no_pixel_reads(monkeypatch)
+    rc, err = _train({"data.h5": str(bomb)}, tmp_path / "w", capsys)  # smoke: patch_size 0
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: {bomb}: refused: patch 'ir_patchs/0' (4096x4096 float32) "
+                             "inflates ") and "a decompression bomb" in err[0], err
+    ok = _h5(tmp_path / "ok.h5", n=2, size=16)  # 2 KiB a record, uncompressed
+    monkeypatch.undo()
+    assert len(H5PairSource(ok, max_bytes=2 * 16 * 16 * 4)) == 2
+    with pytest.raises(BadPatchError, match=r"refused: one record \('ir_patchs/0' and its "
+                                            r"'vis_patchs' partner, 16x16 float32 each\) needs "
+                                            r"2.0 KiB.* training data file's memory"):
+        H5PairSource(ok, max_bytes=2 * 16 * 16 * 4 - 1)
+    monkeypatch.setenv("SMFNET_CKPT_MAX_BYTES", "1K")  # the readers' one knob, honoured here too
+    rc, err = _train({"data.h5": str(ok)}, tmp_path / "w2", capsys)
+    assert rc == 2 and "the limit is 1.0 KiB" in err[0], err
+    monkeypatch.setenv("SMFNET_CKPT_MAX_BYTES", "lots")
+    rc, err = _train({"data.h5": str(ok)}, tmp_path / "w3", capsys)
+    assert rc == 2 and err == [f"error: {ok}: cannot set the read budget: $SMFNET_CKPT_MAX_BYTES="
+                               "'lots' is not a byte count (e.g. 4294967296 or 4G)"], err
+
+
+def test_patch_grown_after_open_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    import h5py
+    from train.data import BadPatchError, H5PairSource
+    path = _h5(tmp_path / "patches.h5", n=4, size=8)
+    src = H5PairSource(path)
+    src.close()
+    with h5py.File(path, "a") as f:
+        del f["vis_patchs/3"]
+        f["vis_patchs"].create_dataset("3", shape=(1, 4096, 4096), dtype=np.float32,
+                                       chunks=(1, 512, 512), compression="gzip", fillvalue=0.5)
+    _no_pixel_reads(monkeypatch)
+    with pytest.raises(BadPatchError, match=r"patch 'vis_patchs/3' has shape \(1, 4096, 4096\), "
+                                            r"expected \(1, 8, 8\)"):
+        src[3]
+
+
+def test_patch_size_config_rules_and_resume_of_an_older_workdir(tmp_path):
+    from train.configs import msrs
+    from train.configs.validate import config_problems
+    from train.workdir import CONFIG_NAME, config_record, reconcile_config
+    cfg = msrs.get_config()
+    cfg.data.h5 = str(_h5(tmp_path / "p.h5"))
+    cfg.data.patch_size, cfg.data.crop_size = 64, 96
+    assert "data.crop_size=96: larger than the patches (data.patch_size=64)" in config_problems(cfg)
+    cfg.data.patch_size = -1
+    assert "data.patch_size=-1: must be an integer >= 0" in config_problems(cfg)
+    # a workdir recorded before data.patch_size existed resumes without --allow_config_change
+    cfg.data.patch_size, cfg.data.crop_size = 128, 0
+    old = config_record(cfg)
+    del old["data"]["patch_size"]
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / CONFIG_NAME).write_text(json.dumps(old))
+    lines = reconcile_config(tmp_path / "w", cfg, restored_step=10, log=lambda msg: None)
+    assert lines == ["data.patch_size: '(absent)' -> 128"]
