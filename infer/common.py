@@ -20,6 +20,7 @@ GRID_SUFFIX = "_grid"  # infer.main --grid writes NAME_grid.png beside NAME.png
 EXIT_OK = 0
 EXIT_SOME_FAILED = 1
 EXIT_USAGE = 2
+EXIT_UNDEFINED = 3  # every image scored, but some metric value is undefined (NaN / inf)
 EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
 
 

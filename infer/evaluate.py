@@ -8,12 +8,19 @@ the rule fusion and patch preparation use too), read as
 the reference evaluator reads them (cv2 GRAY: 0.299 R + 0.587 G + 0.114 B, rounded) and
 scored with :func:`smfnet_jax.metrics.evaluate_pair`. Prints one row per image and the
 mean row, columns in the papers' order (EN SD SF AG MI SCD VIF Qabf SSIM MSE CC PSNR).
-``--json`` writes ``{stem: {metric: value}, "mean": {metric: value}}`` (non-finite
-values as null). A missing partner, an ambiguous stem, an unreadable file or images of
+``--json`` writes ``{stem: {metric: value}, "mean": {metric: value}}`` (undefined values
+as null). A missing partner, an ambiguous stem, an unreadable file or images of
 different sizes are named on stderr and skipped; the others are still evaluated and the
 exit status is then 1. A --json that cannot be written (a folder, a missing or read-only
 folder) or that is one of the images read is a usage error found before any work (exit
 status 2).
+
+Undefined values: some metrics have no value for some images (CC and SCD of a constant
+image, PSNR of an all-black fused image or of one equal to both sources, ...; see
+`smfnet_jax.metrics.undefined_reasons`). Such a value shows as ``n/a`` in its row and null
+in the JSON, is named on stderr with the reason (``warning: STEM: CC undefined: ...``), and
+is left out of the mean: a mean over fewer images than the table holds shows its count,
+``0.6123 (2 of 3)``. The exit status is then 3 (when nothing was skipped: 1 wins).
 
 ``evaluate_folders`` and ``format_table`` are reused by ``python -m infer.main --evaluate``.
 """
@@ -28,15 +35,24 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from infer.common import (EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, GRID_SUFFIX, add_scale16_argument,
-                          json_out_problem, plain_warnings)
+from infer.common import (EXIT_OK, EXIT_SOME_FAILED, EXIT_UNDEFINED, EXIT_USAGE, GRID_SUFFIX,
+                          add_scale16_argument, json_out_problem, plain_warnings)
 from smfnet_jax.cli import Progress, input_images, program_name
 from smfnet_jax.fileio import atomic_write_json
 from smfnet_jax.imageio import IMAGE_EXTENSIONS, match_by_stem, natural_key, read_gray
-from smfnet_jax.metrics import METRIC_NAMES, evaluate_pair
+from smfnet_jax.metrics import METRIC_NAMES, evaluate_pair, undefined_reasons
 
 MEAN_KEY = "mean"
-Results = Dict[str, Dict[str, float]]
+NOT_AVAILABLE = "n/a"  # an undefined value's cell in the table
+
+
+class Results(Dict[str, Dict[str, float]]):
+    """stem -> {metric: value}; ``undefined`` maps stem -> {metric: why} for every value that
+    is NaN or infinite (kept as computed, the reference's number)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.undefined: Dict[str, Dict[str, str]] = {}
 
 
 def _sorted_messages(problems: List[Tuple[str, str]]) -> List[str]:
@@ -69,6 +85,11 @@ def evaluate_triplet(ir_path: Path, vi_path: Path, fused_path: Path,
     scale16: how 16-bit sources become 8-bit (`smfnet_jax.imageio.reduce16`).
     Raises ValueError (ImageReadError included) with a message naming the file(s).
     """
+    return _score_triplet(ir_path, vi_path, fused_path, ssim_range, scale16)[0]
+
+
+def _score_triplet(ir_path, vi_path, fused_path, ssim_range, scale16):
+    """evaluate_triplet's metrics, and why each undefined one is undefined."""
     ir = read_gray(ir_path, scale16)
     vi = read_gray(vi_path, scale16)
     fused = read_gray(fused_path)
@@ -77,9 +98,10 @@ def evaluate_triplet(ir_path: Path, vi_path: Path, fused_path: Path,
         raise ValueError(f"sizes differ (WxH): {ir_path} is {size(ir)}, {vi_path} is "
                          f"{size(vi)}, {fused_path} is {size(fused)}")
     try:
-        return evaluate_pair(fused, ir, vi, ssim_range=ssim_range)
+        metrics = evaluate_pair(fused, ir, vi, ssim_range=ssim_range)
     except ValueError as e:
         raise ValueError(f"{fused_path}: {e}") from e
+    return metrics, undefined_reasons(metrics, fused, ir, vi, ("the fused image", "ir", "vi"))
 
 
 def evaluate_folders(ir_dir, vi_dir, fused_dir, ssim_range: float = 255.0, workers: int = 2,
@@ -87,25 +109,28 @@ def evaluate_folders(ir_dir, vi_dir, fused_dir, ssim_range: float = 255.0, worke
     """Evaluate every stem present in the three folders.
 
     Returns ``(results, errors)``: results maps stem -> {metric: value} in natural stem
-    order (metric names in :data:`METRIC_NAMES` order); errors is a list of messages,
-    "stem: reason", for every stem that was skipped. ``workers`` pairs are read and
+    order (metric names in :data:`METRIC_NAMES` order), a :class:`Results` whose
+    ``undefined`` says why each NaN / infinite value is undefined; errors is a list of
+    messages, "stem: reason", for every stem that was skipped. ``workers`` pairs are read and
     scored at once in threads (numpy releases the GIL in its array loops).
     """
     triplets, problems = _match_triplets(ir_dir, vi_dir, fused_dir)
-    results: Results = {}
+    results = Results()
     bar = Progress(len(triplets), "evaluating", "pair", enabled=progress)
 
     def job(t):
         stem, ir_p, vi_p, fu_p = t
         try:
-            return stem, evaluate_triplet(ir_p, vi_p, fu_p, ssim_range, scale16), None
+            return stem, _score_triplet(ir_p, vi_p, fu_p, ssim_range, scale16), None
         except ValueError as e:  # ImageReadError, size mismatch, image too small
             return stem, None, str(e)
 
     with ThreadPoolExecutor(max_workers=max(1, int(workers))) as pool:
-        for stem, metrics, reason in pool.map(job, triplets):  # map keeps the stem order
+        for stem, scored, reason in pool.map(job, triplets):  # map keeps the stem order
             if reason is None:
-                results[stem] = metrics
+                results[stem], undefined = scored
+                if undefined:
+                    results.undefined[stem] = undefined
             else:
                 problems.append((stem, reason))
                 bar.write(f"skipped {stem}: {reason}")
@@ -114,24 +139,51 @@ def evaluate_folders(ir_dir, vi_dir, fused_dir, ssim_range: float = 255.0, worke
     return results, _sorted_messages(problems)
 
 
-def mean_metrics(results: Results) -> Dict[str, float]:
-    """Mean of each metric over the evaluated images (NaN when there are none)."""
-    return {name: (float(np.mean([r[name] for r in results.values()])) if results
-                   else float("nan")) for name in METRIC_NAMES}
+def defined_counts(results: Dict[str, Dict[str, float]]) -> Dict[str, int]:
+    """For each metric, how many images have a defined (finite) value."""
+    return {name: sum(math.isfinite(r[name]) for r in results.values()) for name in METRIC_NAMES}
+
+
+def mean_metrics(results: Dict[str, Dict[str, float]]) -> Dict[str, float]:
+    """Mean of each metric over the images where it is defined (finite); NaN when it is
+    defined for none."""
+    out = {}
+    for name in METRIC_NAMES:
+        values = [r[name] for r in results.values() if math.isfinite(r[name])]
+        out[name] = float(np.mean(values)) if values else float("nan")
+    return out
+
+
+def undefined_values(results: Dict[str, Dict[str, float]]) -> List[Tuple[str, str, str]]:
+    """(stem, metric, why) for every undefined value, in table order. The reasons come from
+    a :class:`Results`; a plain dict gets a generic one."""
+    known = getattr(results, "undefined", {})
+    return [(stem, name, known.get(stem, {}).get(name, f"not a finite number ({m[name]})"))
+            for stem, m in results.items() for name in METRIC_NAMES
+            if not math.isfinite(m[name])]
+
+
+def undefined_lines(results: Dict[str, Dict[str, float]]) -> List[str]:
+    """One line per undefined value, naming the image, the metric and why."""
+    return [f"{stem}: {name} undefined: {why}; left out of the mean"
+            for stem, name, why in undefined_values(results)]
 
 
 def _fmt(value: float) -> str:
-    return f"{value:.4f}" if math.isfinite(value) else str(value)
+    return f"{value:.4f}" if math.isfinite(value) else NOT_AVAILABLE
 
 
-def format_table(results: Results) -> str:
-    """Per-image rows and the mean row, 4 decimals, columns in the papers' order."""
+def format_table(results: Dict[str, Dict[str, float]]) -> str:
+    """Per-image rows and the mean row, 4 decimals, columns in the papers' order. An
+    undefined value shows as n/a; a mean over fewer images than the rows shows its count."""
     header = ["image"] + list(METRIC_NAMES)
     rows = [[stem] + [_fmt(m[name]) for name in METRIC_NAMES] for stem, m in results.items()]
     mean_row = []
     if results:
-        mean = mean_metrics(results)
-        mean_row = [f"{MEAN_KEY} ({len(results)})"] + [_fmt(mean[name]) for name in METRIC_NAMES]
+        mean, counts, n = mean_metrics(results), defined_counts(results), len(results)
+        mean_row = [f"{MEAN_KEY} ({n})"] + [
+            _fmt(mean[name]) + ("" if counts[name] == n else f" ({counts[name]} of {n})")
+            for name in METRIC_NAMES]
     widths = [max(len(r[i]) for r in [header, *rows] + ([mean_row] if mean_row else []))
               for i in range(len(header))]
 
@@ -148,8 +200,9 @@ def _json_value(v: float) -> Optional[float]:
     return float(v) if math.isfinite(v) else None
 
 
-def results_to_json(results: Results) -> dict:
-    """``{stem: {metric: value}, "mean": {metric: value}}``, non-finite values as None."""
+def results_to_json(results: Dict[str, Dict[str, float]]) -> dict:
+    """``{stem: {metric: value}, "mean": {metric: value}}``, undefined (non-finite) values as
+    None; each mean is over the images where the metric is defined."""
     doc = {stem: {k: _json_value(v) for k, v in m.items()} for stem, m in results.items()}
     doc[MEAN_KEY] = {k: _json_value(v) for k, v in mean_metrics(results).items()}
     return doc
@@ -179,7 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="SSIM is ssim(F, ir) + ssim(F, vi). --ssim-range 255 (default) is correct for "
                "0..255 grey levels and matches SMFNet's metrics.py; --ssim-range 2 reproduces "
                "what scikit-image <= 0.19 used silently for float images, i.e. the SSIM column "
-               "of the CDDFuse tables. Exit status: 0 all evaluated, 1 some skipped, 2 usage.")
+               "of the CDDFuse tables. An undefined value (e.g. CC of a constant image) shows "
+               "as n/a, is named on stderr with the reason and left out of the mean, whose "
+               "count is then shown. Exit status: 0 all evaluated, 1 some skipped, 2 usage, "
+               "3 all evaluated but some value undefined.")
     p.add_argument("--ir", required=True, type=Path, help="folder of infrared (first source) images")
     p.add_argument("--vi", required=True, type=Path, help="folder of visible (second source) images")
     p.add_argument("--fused", required=True, type=Path, help="folder of fused images")
@@ -215,6 +271,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                            workers=args.workers, scale16=args.scale16)
     if results:
         print(format_table(results))
+    undefined = undefined_lines(results)
+    for line in undefined:
+        print(f"warning: {line}", file=sys.stderr)
     if args.json is not None:
         try:
             write_json_atomic(args.json, results_to_json(results))
@@ -230,8 +289,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: no images ({', '.join(IMAGE_EXTENSIONS)}) in {args.fused}", file=sys.stderr)
         return EXIT_SOME_FAILED
     print(f"evaluated {len(results)} of {len(results) + len(errors)} images "
-          f"(SSIM data range {args.ssim_range:g})", file=sys.stderr)
-    return EXIT_SOME_FAILED if errors or not results else EXIT_OK
+          f"(SSIM data range {args.ssim_range:g})"
+          + (f"; {len(undefined)} value(s) undefined" if undefined else ""), file=sys.stderr)
+    return exit_status(results, errors)
+
+
+def exit_status(results: Dict[str, Dict[str, float]], errors: Sequence[str]) -> int:
+    """1 when an image was skipped (or none evaluated), else 3 when a value is undefined,
+    else 0: the status of infer.evaluate, and of infer.main --evaluate's scoring."""
+    if errors or not results:
+        return EXIT_SOME_FAILED
+    return EXIT_UNDEFINED if undefined_values(results) else EXIT_OK
 
 
 if __name__ == "__main__":

@@ -395,8 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "Pairs are matched by file stem; PNG, JPEG, BMP, TIFF and PNM files (8- or 16-bit, "
                     "1 or 3 channels) are read.",
         epilog="Exit status: 0 when every pair was fused, 1 when some pair failed (each is "
-               "reported with its reason), 2 for a usage error, 130 when interrupted (Ctrl-C; every output "
-               "written by then is complete). " + IMPL_HELP)
+               "reported with its reason), 2 for a usage error, 3 when --evaluate found a metric "
+               "value undefined (e.g. CC of a constant image; each is named), 130 when "
+               "interrupted (Ctrl-C; every output written by then is complete). " + IMPL_HELP)
     p.add_argument("--ckpt", required=True, type=Path,
                    help="orbax checkpoint directory (from convert.main or training) or a released .pth file")
     p.add_argument("--ir", required=True, type=Path,
@@ -556,12 +557,15 @@ def run(args, fuser: Callable | None = None) -> int:
     print(summary(fused_names, failures, times, total, args.out))
 
     if args.evaluate and fused_names:
-        from infer.evaluate import evaluate_folders, format_table  # lazy: only when asked
+        from infer.evaluate import (evaluate_folders, exit_status, format_table,  # lazy: only
+                                    undefined_lines)                              # when asked
 
         with plain_warnings():
             results, errors = evaluate_folders(args.ir, args.vi, args.out, args.ssim_range,
                                                scale16=args.scale16)
         print(format_table(results))
+        for line in undefined_lines(results):
+            print(f"warning: {line}", file=sys.stderr)
         for err in errors or ():
             print(f"evaluation: {err}", file=sys.stderr)
         if args.json is not None:
@@ -572,8 +576,8 @@ def run(args, fuser: Callable | None = None) -> int:
                 print(f"error: cannot write --json {args.json}: {e}", file=sys.stderr)
                 return EXIT_SOME_FAILED
             print(f"wrote {args.json}", file=sys.stderr)
-        if errors:
-            return EXIT_SOME_FAILED
+        if not failures:
+            return exit_status(results, errors)
     return EXIT_SOME_FAILED if failures else EXIT_OK
 
 

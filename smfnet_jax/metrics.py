@@ -46,6 +46,12 @@ Quirks of the reference kept on purpose (they change the numbers):
 * PSNR uses ``max(F)`` as the peak, not 255, and the *average* of the two MSEs.
 * MI is in nats (natural log), not bits, while EN is in bits.
 
+Undefined values are returned as the reference returns them (NaN or +-inf), never replaced:
+CC and SCD are NaN when an image they correlate has zero variance (a constant image, or
+F = source + constant for SCD); PSNR is +inf when F equals both sources (MSE 0) and -inf
+(NaN) when F is all black; Qabf is NaN when neither source has any Sobel gradient.
+:func:`undefined_reasons` says, for each such value, why.
+
 Differences from the reference, all far below the 4 digits papers print. The reference
 computes on float32 images (``cv2.imread(...).astype('float32')``); this module computes
 in float64, except Qabf (float32, like the reference) and SSIM's window sums (float32,
@@ -81,6 +87,7 @@ __all__ = [
     "correlation_coefficient",
     "psnr",
     "evaluate_pair",
+    "undefined_reasons",
 ]
 
 # Column order of the papers' tables (and of the JSON written by infer.evaluate).
@@ -720,3 +727,50 @@ def evaluate_pair(fused, image_a, image_b, ssim_range: float = 255.0) -> Dict[st
         "PSNR": stats["PSNR"],
     }
     return {name: float(out[name]) for name in METRIC_NAMES}
+
+
+def undefined_reasons(values: Dict[str, float], fused, image_a, image_b,
+                      names: Tuple[str, str, str] = ("the fused image", "source A",
+                                                     "source B")) -> Dict[str, str]:
+    """Why each non-finite value of ``values`` (from :func:`evaluate_pair`) is undefined.
+
+    Returns ``{metric: reason}`` for the NaN / infinite entries only (empty when all are
+    finite; the images are then not even looked at). ``names`` name F, A and B in the reasons.
+    """
+    bad = [k for k in METRIC_NAMES if k in values and not math.isfinite(values[k])]
+    if not bad:
+        return {}
+    f, a, b = _as_triplet(fused, image_a, image_b)
+    nf, na, nb = names
+
+    def constant(x: np.ndarray) -> bool:
+        return float(x.max()) == float(x.min())
+
+    def zero_variance(parts) -> str:
+        flat = [what for what, x in parts if constant(x)]
+        if not flat:  # numerically zero without being exactly constant
+            return "zero variance in one of " + ", ".join(w for w, _ in parts) + " (0/0)"
+        return (f"zero variance: {' and '.join(flat)} {'is' if len(flat) == 1 else 'are'} "
+                "constant, so a correlation is 0/0")
+
+    peak_zero = float(f.max()) == 0.0
+    reasons = {}
+    for k in bad:
+        v = values[k]
+        if k == "CC":
+            reasons[k] = zero_variance([(nf, f), (na, a), (nb, b)])
+        elif k == "SCD":
+            reasons[k] = zero_variance([(na, a), (nb, b), (f"{nf} minus {nb}", f - b),
+                                        (f"{nf} minus {na}", f - a)])
+        elif k == "PSNR" and peak_zero:
+            reasons[k] = f"{nf} is all black: the peak max(F) is 0" + (
+                " and so is the MSE (0/0)" if math.isnan(v) else "")
+        elif k == "PSNR" and v > 0:
+            reasons[k] = f"MSE is 0 ({nf} equals both sources): PSNR is infinite"
+        elif k == "Qabf":
+            reasons[k] = f"no edges: {na} and {nb} have zero Sobel gradient everywhere (0/0)"
+        elif k == "VIF":
+            reasons[k] = "a source is flat at every scale (the VIF denominator is 0)"
+        else:
+            reasons[k] = f"not a finite number ({v})"
+    return reasons

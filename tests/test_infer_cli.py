@@ -217,6 +217,8 @@ def test_evaluate_is_called_after_fusing(dirs, use_fuser, monkeypatch, capsys):
         return {"EN": 1.0}, []
     fake.evaluate_folders = evaluate_folders
     fake.format_table = lambda results: f"TABLE {results}"
+    fake.undefined_lines = lambda results: []
+    fake.exit_status = lambda results, errors: 0
     monkeypatch.setitem(sys.modules, "infer.evaluate", fake)
     assert cli.main(_args(ir, vi, out, ckpt, "--evaluate")) == 0
     assert calls == [(ir, vi, out, 255.0, "high", ["e.png"])]

@@ -41,6 +41,7 @@ def recipe_config(h5, init_from, run: dict, microbatches: int):
     from train.configs import msrs
     cfg = msrs.get_config()
     cfg.data.h5 = str(h5)
+    cfg.data.patch_size = 0  # the cases' patches are crops, smaller than the recipe's 128
     cfg.init_from = str(init_from)
     cfg.batch_size = run.get("batch_size", 2)
     cfg.microbatches = microbatches

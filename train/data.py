@@ -12,6 +12,16 @@ shape and float dtype (metadata only), and `VALUE_SAMPLE` patches spread over th
 read. Every record read (at open or later) is checked: NaN/inf, or values outside [0, 1] by
 more than `VALUE_MARGIN`, raise `BadPatchError` naming the file and the H5 key.
 
+The file is untrusted input; before any pixel is read, from the metadata only: a link that
+cannot be followed (a dangling soft or external link, a loop of soft links) is named with its
+target; with ``patch_size`` every patch must be ``(1, patch_size, patch_size)`` (the config's
+``data.patch_size``); one record (both modalities) must fit the readers' memory budget
+(`smfnet_jax.torch_weights.limits.Budget`, as for checkpoints: ``max_bytes``, default 2 GiB,
+or $SMFNET_CKPT_MAX_BYTES); and no patch larger than 1 MiB may inflate more than 100 times
+its stored bytes (a few kB of compressed chunks, or unwritten chunks, declaring a huge patch).
+Every later read checks the patch's declared shape and dtype before reading it, so no read
+allocates more than the record the budget admitted.
+
 `SyntheticPairs(n, size, seed)` makes deterministic infrared/visible-like pairs in memory with
 the same interface (for the smoke config on a machine without MSRS, and for tests);
 `write_synthetic_h5` stores such a set in the prepared H5 format. `CroppedPairs(source, size)`
@@ -74,6 +84,7 @@ import numpy as np
 
 from smfnet_jax.fileio import atomic_path
 from smfnet_jax.imageio import natural_key
+from smfnet_jax.torch_weights.limits import Budget
 
 IR_GROUP = "ir_patchs"
 VI_GROUP = "vis_patchs"
@@ -97,7 +108,8 @@ class MissingDatasetError(FileNotFoundError):
 
 
 class BadPatchError(ValueError):
-    """A stored patch is unusable (non-finite values, wrong shape or dtype)."""
+    """A stored patch is unusable (non-finite values, wrong shape or dtype, a broken link,
+    more memory than the budget allows)."""
 
 
 class PairSource(Protocol):
@@ -111,18 +123,28 @@ class PairSource(Protocol):
 class H5PairSource:
     """Random access to the patch pairs of a prepared H5 file (see the module docstring)."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, patch_size: int = 0, max_bytes: int | None = None):
+        """patch_size: > 0, every patch must be (1, patch_size, patch_size); 0 accepts the
+        first patch's size. max_bytes: the memory budget of one record (see the module
+        docstring; None: $SMFNET_CKPT_MAX_BYTES or 2 GiB)."""
         self.path = Path(path)
+        self.patch_size = int(patch_size)
         if not self.path.is_file():
             raise MissingDatasetError(f"training data file {self.path} does not exist.\n{MSRS_HELP}")
         try:
+            budget = Budget(str(self.path), BadPatchError, max_bytes, kind="training data file")
+        except ValueError as e:  # a malformed $SMFNET_CKPT_MAX_BYTES
+            raise BadPatchError(f"{self.path}: cannot set the read budget: {e}") from None
+        try:
             with h5py.File(self.path, "r") as f:
                 for group in (IR_GROUP, VI_GROUP):
-                    if group not in f or not isinstance(f[group], h5py.Group):
+                    if f.get(group, getlink=True) is None or not isinstance(
+                            self._member(f, group), h5py.Group):
                         raise BadPatchError(
                             f"{self.path}: no group '{group}'; expected a file written by "
                             "`python -m train.prepare` (groups ir_patchs/vis_patchs)")
-                ir_keys, vi_keys = set(f[IR_GROUP].keys()), set(f[VI_GROUP].keys())
+                ir_keys = set(self._member(f, IR_GROUP).keys())
+                vi_keys = set(self._member(f, VI_GROUP).keys())
                 if ir_keys != vi_keys:
                     only_ir = sorted(ir_keys - vi_keys)[:5]
                     only_vi = sorted(vi_keys - ir_keys)[:5]
@@ -136,7 +158,7 @@ class H5PairSource:
                 # such a file has always had.
                 self._keys = sorted(ir_keys, key=natural_key if all(k.isdigit() for k in ir_keys)
                                     else None)
-                self.patch_shape, self.dtype = self._check_layout(f)
+                self.patch_shape, self.dtype = self._check_layout(f, budget)
                 self._check_values(f)
         except OSError as e:
             raise BadPatchError(f"{self.path}: not a readable HDF5 file ({e})") from e
@@ -144,21 +166,64 @@ class H5PairSource:
         self._pid: int | None = None
         self._lock = threading.Lock()
 
-    def _check_layout(self, f: h5py.File) -> tuple[tuple[int, int], np.dtype]:
-        """Every patch of both groups (1, H, W) with the first one's H, W and float dtype:
-        read from the metadata only (no pixels), so a bad patch is found before training."""
-        first = f[IR_GROUP][self._keys[0]]
+    def _member(self, parent: h5py.Group, name: str):
+        """parent[name], or BadPatchError naming it and why it cannot be reached (a link
+        whose target is missing, a loop of soft links, an external file that cannot be
+        opened) instead of h5py's KeyError / RuntimeError."""
+        try:
+            return parent[name]
+        except (KeyError, RuntimeError, OSError) as e:
+            where = f"{parent.name.strip('/')}/{name}".strip("/")
+            try:
+                link = parent.get(name, getlink=True)
+            except (KeyError, RuntimeError, OSError):
+                link = None
+            why = str(e.args[0]) if e.args else type(e).__name__
+            if isinstance(e, RuntimeError) and isinstance(link, (h5py.SoftLink, h5py.ExternalLink)):
+                target = (f"'{link.path}'" if isinstance(link, h5py.SoftLink)
+                          else f"'{link.path}' in {link.filename}")
+                what = f"is a link to {target} in a loop of links that never reaches an object"
+            elif isinstance(link, h5py.SoftLink):
+                what = f"is a soft link to '{link.path}', which does not exist (a dangling link)"
+            elif isinstance(link, h5py.ExternalLink):
+                what = (f"is an external link to '{link.path}' in {link.filename}, which cannot "
+                        f"be followed ({why})")
+            else:
+                what = f"cannot be opened ({why})"
+            raise BadPatchError(f"{self.path}: '{where}' {what}") from None
+
+    def _dataset(self, f: h5py.File, group: str, key: str) -> h5py.Dataset:
+        d = self._member(self._member(f, group), key)
+        if not isinstance(d, h5py.Dataset):
+            raise BadPatchError(f"{self.path}: '{group}/{key}' is not a dataset")
+        return d
+
+    def _check_layout(self, f: h5py.File, budget: Budget) -> tuple[tuple[int, int], np.dtype]:
+        """Every patch of both groups (1, H, W) with the first one's H, W and float dtype, of
+        the configured size, within the memory budget and not inflating far beyond its stored
+        bytes: read from the metadata only (no pixels), so a bad patch is found before
+        training and before any large allocation."""
+        first_name = f"'{IR_GROUP}/{self._keys[0]}'"
+        first = self._dataset(f, IR_GROUP, self._keys[0])
         shape, dtype = first.shape, first.dtype
         if len(shape) != 3 or shape[0] != 1 or min(shape[1:]) < 1:
-            raise BadPatchError(f"{self.path}: patch '{IR_GROUP}/{self._keys[0]}' has shape "
+            raise BadPatchError(f"{self.path}: patch {first_name} has shape "
                                 f"{shape}, expected (1, H, W)")
         if not np.issubdtype(dtype, np.floating):
-            raise BadPatchError(f"{self.path}: patch '{IR_GROUP}/{self._keys[0]}' has dtype "
+            raise BadPatchError(f"{self.path}: patch {first_name} has dtype "
                                 f"{dtype}, expected float32 values in [0, 1]")
+        if self.patch_size and shape[1:] != (self.patch_size,) * 2:
+            raise BadPatchError(
+                f"{self.path}: patch {first_name} is {shape[1]}x{shape[2]}, not the "
+                f"{self.patch_size}x{self.patch_size} of the config (data.patch_size="
+                f"{self.patch_size}); set data.patch_size to the file's patch size (0: any size)")
+        record = 2 * first.size * dtype.itemsize  # what reading one record allocates
+        budget.charge(record, f"one record ({first_name} and its '{VI_GROUP}' partner, "
+                              f"{shape[1]}x{shape[2]} {dtype} each)")
         for group in (IR_GROUP, VI_GROUP):
-            g = f[group]
+            g = self._member(f, group)
             for key in self._keys:
-                d = g[key]
+                d = self._member(g, key)
                 if not isinstance(d, h5py.Dataset):
                     raise BadPatchError(f"{self.path}: '{group}/{key}' is not a dataset")
                 if d.shape != shape or d.dtype != dtype:
@@ -167,6 +232,8 @@ class H5PairSource:
                         f"first patch '{IR_GROUP}/{self._keys[0]}' ({shape} {dtype}); all "
                         "patches must share one shape and dtype (re-create the file with "
                         "train.prepare)")
+                budget.check_ratio(d.id.get_storage_size(), d.size * dtype.itemsize,
+                                   f"patch '{group}/{key}' ({shape[1]}x{shape[2]} {dtype})")
         return tuple(shape[1:]), dtype
 
     def _check_values(self, f: h5py.File) -> None:
@@ -211,14 +278,21 @@ class H5PairSource:
         return self._keys[index]
 
     def _read(self, f: h5py.File, group: str, key: str) -> np.ndarray:
-        arr = np.asarray(f[group][key][()])
+        d = self._dataset(f, group, key)
         name = f"'{group}/{key}'"
-        if arr.shape != (1,) + self.patch_shape:
+        # declared shape and dtype before reading: the file may have changed since it was
+        # opened, and a read must not allocate more than the record the budget admitted
+        if d.shape != (1,) + self.patch_shape:
             raise BadPatchError(
-                f"{self.path}: patch {name} has shape {arr.shape}, expected "
+                f"{self.path}: patch {name} has shape {d.shape}, expected "
                 f"{(1,) + self.patch_shape} like the first patch")
-        if not np.issubdtype(arr.dtype, np.floating):
-            raise BadPatchError(f"{self.path}: patch {name} has dtype {arr.dtype}, expected float32")
+        if d.dtype != self.dtype:
+            raise BadPatchError(f"{self.path}: patch {name} has dtype {d.dtype}, expected "
+                                f"{self.dtype} like the first patch")
+        try:
+            arr = np.asarray(d[()])
+        except (OSError, RuntimeError) as e:  # a corrupt chunk, a missing filter or raw file
+            raise BadPatchError(f"{self.path}: patch {name} cannot be read ({e})") from None
         finite = np.isfinite(arr)
         if not finite.all():
             raise BadPatchError(

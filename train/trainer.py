@@ -72,7 +72,8 @@ def _global_batch(local: dict, mesh) -> tuple[jax.Array, jax.Array]:
 def open_data(cfg):
     from train import data as data_lib
     if cfg.data.h5:
-        source = data_lib.H5PairSource(cfg.data.h5)  # raises MissingDatasetError with MSRS help
+        # raises MissingDatasetError with the MSRS help; BadPatchError before any large read
+        source = data_lib.H5PairSource(cfg.data.h5, patch_size=cfg.data.patch_size)
     elif cfg.data.synthetic_pairs > 0:
         source = data_lib.SyntheticPairs(cfg.data.synthetic_pairs, cfg.data.synthetic_size, cfg.seed)
     else:

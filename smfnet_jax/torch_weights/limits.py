@@ -1,4 +1,5 @@
-"""The memory budget of the checkpoint readers (`.pth` and `.safetensors`).
+"""The memory budget of the checkpoint readers (`.pth` and `.safetensors`), also used by the
+training-patch reader (`train.data.H5PairSource`).
 
 A checkpoint is untrusted input: a file of a few hundred bytes can declare tensors of many
 gigabytes (zero-stride views, a deflate bomb, a lying zip header). The readers therefore
@@ -69,11 +70,13 @@ class Budget:
     """Running total of the bytes a reader has allocated for one file.
 
     `error` is the exception class raised on refusal (the reader's own); messages name the
-    file, the limit passed and how to raise it.
+    file (a `kind` of file: "checkpoint", "training data file"), the limit passed and how to
+    raise it.
     """
 
-    def __init__(self, path: str, error: type[Exception], max_bytes: int | None = None):
-        self.path, self.error = path, error
+    def __init__(self, path: str, error: type[Exception], max_bytes: int | None = None,
+                 kind: str = "checkpoint"):
+        self.path, self.error, self.kind = path, error, kind
         self.limit = resolve_max_bytes(max_bytes)
         self.expansion_limit = self.limit // EXPANSION_DIVISOR
         self.used = 0
@@ -84,7 +87,7 @@ class Budget:
         if self.used + nbytes > self.limit:
             raise self.error(
                 f"{self.path}: refused: {what} needs {_human(nbytes)}, which would bring this "
-                f"checkpoint's memory to {_human(self.used + nbytes)}, over the reader's "
+                f"{self.kind}'s memory to {_human(self.used + nbytes)}, over the reader's "
                 f"budget; {how_to_raise(self.limit)}")
         self.used += nbytes
 

@@ -11,6 +11,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.h5 = ""                 # prepared patches (python -m train.prepare); required here
+    c.data.patch_size = 128        # the H5's patches must be this size (train.prepare --patch,
+                                   # checked before any read); 0: whatever size the file holds
     c.data.synthetic_pairs = 0     # >0: train on that many synthetic pairs instead of an H5
     c.data.synthetic_size = 128
     c.data.worker_count = 0        # grain worker processes (0: read in the main process)

@@ -11,6 +11,7 @@ def get_config():
     c.data.synthetic_pairs = 32    # used when data.h5 is empty
     c.data.synthetic_size = 32
     c.data.crop_size = 32          # real 128x128 patches (data.h5) are cropped to this size
+    c.data.patch_size = 0          # any patch size in data.h5 (>= crop_size): it is cropped
     c.batch_size = 2
     c.microbatches = 1             # whole batch: compiles faster, and 32x32 fits in cache anyway
     c.num_epochs = 4

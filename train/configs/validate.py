@@ -86,6 +86,7 @@ def _rules() -> Iterator[tuple[str, Callable[[Any], bool], str]]:
         "data.synthetic_size": pos_int,
         "data.worker_count": nonneg_int,
         "data.crop_size": nonneg_int,
+        "data.patch_size": nonneg_int,
         "batch_size": pos_int,
         "microbatches": nonneg_int,
         "num_epochs": pos_int,
@@ -157,6 +158,10 @@ def config_problems(cfg) -> list[str]:
         elif good("data.crop_size", "data.synthetic_size") and g("data.crop_size") > g("data.synthetic_size"):
             problems.append(f"data.crop_size={g('data.crop_size')}: larger than the synthetic "
                             f"pairs (data.synthetic_size={g('data.synthetic_size')})")
+    if good("data.h5", "data.crop_size", "data.patch_size") and g("data.h5") and \
+            0 < g("data.patch_size") < g("data.crop_size"):
+        problems.append(f"data.crop_size={g('data.crop_size')}: larger than the patches "
+                        f"(data.patch_size={g('data.patch_size')})")
     if good("init_from") and g("init_from") and not Path(g("init_from")).exists():
         problems.append(f"init_from={g('init_from')!r}: no such file or folder")
     if good("distributed.num_processes", "distributed.process_id") and \
