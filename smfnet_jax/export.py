@@ -7,12 +7,12 @@
 
 The exported function is `Fuser`'s: (ir, vi) as N x H x W float32 in [0, 1] -> the N x H x W
 fused image before any 8-bit normalisation (`infer.main --no-normalize`). Batch, height and
-width are symbolic (one file serves every size; H, W >= 2, which the reflect padding of the
-invertible blocks needs). The weights are **baked in** as constants: one self-contained file
-that a deployment loads without our checkpoint readers, key map or model code, at the cost of
-~10.6 MB per file (the weights as an argument would make it 0.3 MB plus a separate weights
-file and its tree layout to keep in step). The compute policy (routines, precision, dtype)
-is fixed at export and recorded in the header.
+width are symbolic (one file serves every size; H, W >= 2, `inference.MIN_SIDE`, which the
+reflect padding of the invertible blocks needs). The weights are **baked in** as constants:
+one self-contained file that a deployment loads without our checkpoint readers, key map or
+model code, at the cost of ~10.6 MB per file (the weights as an argument would make it 0.3 MB
+plus a separate weights file and its tree layout to keep in step). The compute policy
+(routines, precision, dtype) is fixed at export and recorded in the header.
 
 File layout: a first line `SMFNET-JAXEXPORT 1`, a JSON header line (platforms, policy,
 payload length and SHA-256), then the payload (`Exported.serialize()`). The checksum lets a
@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from smfnet_jax.fileio import atomic_write
+from smfnet_jax.inference import MIN_SIDE
 from smfnet_jax.policy import ComputePolicy
 
 MAGIC = b"SMFNET-JAXEXPORT 1\n"
@@ -71,9 +72,9 @@ def _weights_baked_in(fuser):
 
 def _symbolic_pair_spec(dims: str) -> jax.ShapeDtypeStruct:
     """N x H x W float32 with symbolic dims, one spec for both inputs (one symbolic scope: they
-    have one shape); H, W >= 2, which the reflect padding of the invertible blocks needs."""
+    have one shape); H, W >= MIN_SIDE, which the reflect padding of the invertible blocks needs."""
     n, h, w = (d.strip() for d in dims.split(","))
-    shape = jax.export.symbolic_shape(dims, constraints=(f"{h} >= 2", f"{w} >= 2"))
+    shape = jax.export.symbolic_shape(dims, constraints=(f"{h} >= {MIN_SIDE}", f"{w} >= {MIN_SIDE}"))
     return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
