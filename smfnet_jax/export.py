@@ -88,8 +88,9 @@ def _signature_problem(exported: jax.export.Exported) -> str | None:
     ins, outs = exported.in_avals, exported.out_avals
     expected_tree = jax.tree_util.tree_structure(((0, 0), {}))
     if exported.in_tree != expected_tree or exported.out_tree != jax.tree_util.tree_structure(0):
-        return (f"takes {_describe_arguments(exported)} and returns {exported.out_tree.num_leaves} "
-                "arrays; expected two arrays (ir, vi) in and one out")
+        n = exported.out_tree.num_leaves
+        return (f"takes {_describe_arguments(exported)} and returns {n} array{'s' if n != 1 else ''}; "
+                "expected two arrays (ir, vi) in and one out")
     shape = ins[0].shape
     if not all(a.dtype == jnp.float32 and a.shape == shape for a in (*ins, *outs)):
         return "expected float32 inputs and output of one shape"
