@@ -12,8 +12,8 @@ script: the fused image is min-max normalised to [0, 1] (unless --no-normalize),
 second image has colour, its Cr/Cb are kept and the result is written as a colour PNG;
 if it is grey (one channel, or three equal channels as in TNO) the result is a grey PNG.
 
-A pair that cannot be fused (unreadable or corrupt file, different sizes, a file with no
-partner, ...) is reported by name with the reason and nothing is written for it; the other
+A pair that cannot be fused (unreadable or corrupt file, different sizes, under 2x2 pixels,
+no partner, ...) is reported by name with the reason and nothing is written for it; the other
 pairs are still fused and the run ends with a summary and exit status 1. A pair's outputs
 (NAME.png, NAME.npy, NAME_grid.png) appear together or not at all, and a failure never
 removes a file an earlier run wrote. Usage problems (missing folder, unwritable --out or
@@ -183,6 +183,11 @@ def load_pair(pair: Pair, scale16: str = "high",
     if ir_size != vi_size:
         raise PairError(f"sizes differ: {pair.ir} is {ir_size[0]}x{ir_size[1]}, "
                         f"{pair.vi} is {vi_size[0]}x{vi_size[1]} (WxH)")
+    from smfnet_jax.inference import too_small  # the fusers' own rule, asked before decoding
+
+    problem = too_small(ir_size[1], ir_size[0])
+    if problem:
+        raise PairError(problem)
     tile, fit = plan(ir_size[1], ir_size[0]) if plan else (0, 2**31)
     try:
         ir_raw = read_image(pair.ir, scale16)

@@ -23,6 +23,7 @@ from smfnet_jax.checkpoint import Loaded, load_checkpoint
 from smfnet_jax.export import ONNX_SUFFIX
 from smfnet_jax.export import SUFFIX as EXPORT_SUFFIX
 from smfnet_jax.export import ExportedFuser, OnnxFuser
+from smfnet_jax.inference import too_small
 from smfnet_jax.layers import cast_floats
 from smfnet_jax.model import SMFNet
 from smfnet_jax.policy import ComputePolicy, set_policy
@@ -72,6 +73,9 @@ class Fuser:
         mesh: lower for that mesh instead (the pairs split over its first axis, the weights
         replicated), which may be another machine's: compile-only devices from
         `jax.experimental.topologies` (train.plan)."""
+        problem = too_small(height, width)
+        if problem:
+            raise ValueError(problem)
         spec = jax.ShapeDtypeStruct((batch, height, width), jnp.float32)
         if mesh is None:
             return self._fuse.lower(self._state, spec, spec)
@@ -93,13 +97,17 @@ class Fuser:
 
 
 def _batched(run, compiled=None):
-    """`run` on NxHxW float32 stacks, also callable with one HxW pair."""
+    """`run` on NxHxW float32 stacks, also callable with one HxW pair; a pair smaller than
+    `inference.MIN_SIDE` a side is refused (ValueError) on every path, before `run`."""
     def fn(ir, vi):
         ir = np.asarray(ir, np.float32)
         vi = np.asarray(vi, np.float32)
         if ir.ndim not in (2, 3) or ir.shape != vi.shape:
             raise ValueError("expected two HxW arrays (or NxHxW stacks) of one size, "
                              f"got {ir.shape} and {vi.shape}")
+        problem = too_small(*ir.shape[-2:])
+        if problem:
+            raise ValueError(problem)
         if ir.ndim == 2:
             return np.asarray(run(ir[None], vi[None]))[0]
         return np.asarray(run(ir, vi))

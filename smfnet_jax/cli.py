@@ -20,7 +20,10 @@ def program_name(module: str) -> str:
 
 
 def parse_sizes(text: str) -> list[tuple[int, int]]:
-    """An argparse type: "480x640,1024x1024" -> [(480, 640), (1024, 1024)]."""
+    """An argparse type for fusion sizes: "480x640,1024x1024" -> [(480, 640), (1024, 1024)];
+    each side at least `inference.MIN_SIDE`, the smallest image every fuser takes."""
+    from smfnet_jax.inference import MIN_SIDE
+
     sizes = []
     for item in text.split(","):
         item = item.strip().lower()
@@ -30,8 +33,9 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
             h, w = (int(v) for v in item.split("x"))
         except ValueError:
             raise argparse.ArgumentTypeError(f"bad size {item!r}: expected HxW, e.g. 480x640") from None
-        if h < 1 or w < 1:
-            raise argparse.ArgumentTypeError(f"bad size {item!r}: both sides must be positive")
+        if h < MIN_SIDE or w < MIN_SIDE:
+            raise argparse.ArgumentTypeError(f"bad size {item!r}: both sides must be at least "
+                                             f"{MIN_SIDE} (the smallest image SMFNet fuses)")
         sizes.append((h, w))
     if not sizes:
         raise argparse.ArgumentTypeError("no sizes given")

@@ -7,16 +7,18 @@
 
 The exported function is `Fuser`'s: (ir, vi) as N x H x W float32 in [0, 1] -> the N x H x W
 fused image before any 8-bit normalisation (`infer.main --no-normalize`). Batch, height and
-width are symbolic (one file serves every size; H, W >= 2, which the reflect padding of the
-invertible blocks needs). The weights are **baked in** as constants: one self-contained file
-that a deployment loads without our checkpoint readers, key map or model code, at the cost of
-~10.6 MB per file (the weights as an argument would make it 0.3 MB plus a separate weights
-file and its tree layout to keep in step). The compute policy (routines, precision, dtype)
-is fixed at export and recorded in the header.
+width are symbolic (one file serves every size; H, W >= 2, `inference.MIN_SIDE`, which the
+reflect padding of the invertible blocks needs). The weights are **baked in** as constants:
+one self-contained file that a deployment loads without our checkpoint readers, key map or
+model code, at the cost of ~10.6 MB per file (the weights as an argument would make it 0.3 MB
+plus a separate weights file and its tree layout to keep in step). The compute policy
+(routines, precision, dtype) is fixed at export and recorded in the header.
 
 File layout: a first line `SMFNET-JAXEXPORT 1`, a JSON header line (platforms, policy,
 payload length and SHA-256), then the payload (`Exported.serialize()`). The checksum lets a
-corrupt or truncated file be refused with one line before the deserializer sees it.
+corrupt or truncated file be refused with one line before the deserializer sees it, and the
+deserialized payload's signature is checked (two float32 N x H x W in, one out, N, H, W
+symbolic) before any pair is fused with it.
 
 ONNX (`export_onnx`, `OnnxFuser`; the `[onnx]` extra: jax2onnx, onnx, onnxruntime): the same
 function through jax2onnx, opset 23, inputs `ir`, `vi` and output `fused` with dynamic
@@ -38,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from smfnet_jax.fileio import atomic_write
+from smfnet_jax.inference import MIN_SIDE
 from smfnet_jax.policy import ComputePolicy
 
 MAGIC = b"SMFNET-JAXEXPORT 1\n"
@@ -84,10 +87,45 @@ def _weights_baked_in(fuser):
 
 def _symbolic_pair_spec(dims: str) -> jax.ShapeDtypeStruct:
     """N x H x W float32 with symbolic dims, one spec for both inputs (one symbolic scope: they
-    have one shape); H, W >= 2, which the reflect padding of the invertible blocks needs."""
+    have one shape); H, W >= MIN_SIDE, which the reflect padding of the invertible blocks needs."""
     n, h, w = (d.strip() for d in dims.split(","))
-    shape = jax.export.symbolic_shape(dims, constraints=(f"{h} >= 2", f"{w} >= 2"))
+    shape = jax.export.symbolic_shape(dims, constraints=(f"{h} >= {MIN_SIDE}", f"{w} >= {MIN_SIDE}"))
     return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+def _signature_problem(exported: jax.export.Exported) -> str | None:
+    """Why `exported` is not a fusion function as `export_fusion` makes them, or None: it must
+    take (ir, vi), two float32 N x H x W arrays of one shape whose N, H, W are three symbols,
+    and return one float32 array of that shape. (The symbols' constraints, H, W >= MIN_SIDE,
+    are not visible after deserializing: the module checks them when it is compiled.)"""
+    ins, outs = exported.in_avals, exported.out_avals
+    expected_tree = jax.tree_util.tree_structure(((0, 0), {}))
+    if exported.in_tree != expected_tree or exported.out_tree != jax.tree_util.tree_structure(0):
+        n = exported.out_tree.num_leaves
+        return (f"takes {_describe_arguments(exported)} and returns {n} array{'s' if n != 1 else ''}; "
+                "expected two arrays (ir, vi) in and one out")
+    shape = ins[0].shape
+    if not all(a.dtype == jnp.float32 and a.shape == shape for a in (*ins, *outs)):
+        return "expected float32 inputs and output of one shape"
+    symbols = {str(d) for d in shape if jax.export.is_symbolic_dim(d) and str(d).isidentifier()}
+    if len(shape) != 3 or len(symbols) != 3:  # not a fixed size, nor 2*h, nor (n, h, h)
+        return "expected N x H x W with three symbolic dimensions N, H, W (any batch and size)"
+    return None
+
+
+def _describe_signature(exported: jax.export.Exported) -> str:
+    """e.g. "float16[n,h,w], float16[n,h,w] -> float16[n,h,w]": its arrays in and out."""
+    ins = ", ".join(a.str_short() for a in exported.in_avals) or "nothing"
+    return f"{ins} -> {', '.join(a.str_short() for a in exported.out_avals) or 'nothing'}"
+
+
+def _describe_arguments(exported: jax.export.Exported) -> str:
+    """e.g. "3 positional arguments and keyword arguments scale" (in_tree is (args, kwargs))."""
+    args, kwargs = exported.in_tree.children()
+    n = len(args.children())
+    keys = kwargs.node_data()[1] if kwargs.children() else ()
+    return (f"{n} positional argument{'s' if n != 1 else ''}"
+            + (f" and keyword arguments {', '.join(map(str, keys))}" if keys else ""))
 
 
 @contextlib.contextmanager
@@ -161,7 +199,7 @@ def read_exported(path: str | os.PathLike) -> tuple[dict, jax.export.Exported]:
     try:
         header = json.loads(data[len(MAGIC):end]) if end > 0 else None
         size, digest = int(header["bytes"]), str(header["sha256"])
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, RecursionError):  # RecursionError: JSON nested too deep
         raise ExportError(f"{path}: corrupt exported model (unreadable header)") from None
     payload = data[end + 1:]
     if len(payload) != size:
@@ -170,10 +208,15 @@ def read_exported(path: str | os.PathLike) -> tuple[dict, jax.export.Exported]:
     if hashlib.sha256(payload).hexdigest() != digest:
         raise ExportError(f"{path}: corrupt exported model (SHA-256 of the payload does not match)")
     try:
-        return header, jax.export.deserialize(bytearray(payload))
+        exported = jax.export.deserialize(bytearray(payload))
     except Exception as e:  # noqa: BLE001 - a checksummed payload that still fails: other jax
         raise ExportError(f"{path}: cannot deserialize ({type(e).__name__}: {e}); exported with "
                           "an incompatible jax?") from None
+    problem = _signature_problem(exported)
+    if problem:  # checked here, not at the first pair: another function would fail on every pair
+        raise ExportError(f"{path}: not an SMFNet fusion model ({_describe_signature(exported)}: "
+                          f"{problem})")
+    return header, exported
 
 
 def backend_platform() -> str:

@@ -9,6 +9,9 @@
 (every attention layer normalises over the whole image), so a tiled result is close to,
 but not equal to, the whole-image one; see docs/fusing.md ("Any size: tiles") for the measured deviation.
 
+Smallest size: `MIN_SIDE` (2) pixels a side; `too_small(h, w)` says why a pair is smaller,
+the one rule of every fusion path (checkpoint, exported files, batches, tiles, infer.main).
+
 Memory estimate: `forward_bytes(h, w)` (whole-image fusion), `available_bytes()` (free
 device memory or available RAM) and `plan_tile(h, w, available)` (0: fuse whole, else a
 tile size) let a caller decide before compiling or decoding an image; infer.main uses them.
@@ -21,6 +24,23 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
+
+
+# --------------------------------------------------------------------------- size
+# The smallest height and width SMFNet fuses: the invertible blocks pad a 3x3 depthwise conv
+# by reflection, one pixel a side, which needs two rows and two columns (the PyTorch
+# reference's ReflectionPad2d refuses fewer; jnp.pad would quietly repeat the one pixel). The
+# exported files carry it as their symbolic H, W >= MIN_SIDE.
+MIN_SIDE = 2
+
+
+def too_small(height: int, width: int) -> str | None:
+    """Why an HxW pair cannot be fused (a side under MIN_SIDE), or None. Every fusion path
+    (checkpoint, exported file, batches, tiles, infer.main before decoding) asks this."""
+    if min(height, width) < MIN_SIDE:
+        return (f"{width}x{height} (WxH) is too small: SMFNet needs at least {MIN_SIDE} pixels a "
+                f"side (the reflection padding of its invertible blocks)")
+    return None
 
 
 # --------------------------------------------------------------------------- tiling
@@ -89,10 +109,13 @@ def fused_rows(fuser, read, shape, tile=512, overlap=32, progress=False):
     from row y on, top to bottom, as soon as no later tile touches them. The float64
     accumulator spans one row of tiles, not the image."""
     h, w = shape
+    problem = too_small(h, w)
+    if problem:
+        raise ValueError(problem)
     th, tw = (tile, tile) if np.isscalar(tile) else tuple(tile)
     th, tw = int(th), int(tw)
-    if th < 1 or tw < 1:
-        raise ValueError(f"tile must be positive, got {tile}")
+    if th < MIN_SIDE or tw < MIN_SIDE:  # every tile is fused as an image of its own
+        raise ValueError(f"tile must be at least {MIN_SIDE} a side, got {tile}")
     if overlap < 0 or overlap >= min(th, tw):
         raise ValueError(f"overlap must be in [0, tile), got overlap={overlap} for tile={tile}")
     th, tw = min(th, h), min(tw, w)
