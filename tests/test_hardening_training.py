@@ -190,16 +190,23 @@ def test_seed_must_fit_jax_random_key(tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------- unwritable workdirs
-def test_workdir_under_a_file_is_one_line(tmp_path, monkeypatch, capsys):
-    """A path component that is a regular file (root can write anywhere chmod allows)."""
+@pytest.mark.parametrize("kind", ["file", "dangling_link"])
+def test_workdir_that_cannot_be_made_is_one_line(kind, tmp_path, monkeypatch, capsys):
+    """A path component that is a regular file, or a symbolic link to nothing (tests run as
+    root, whom chmod does not stop)."""
     _no_compile(monkeypatch)
-    notes = tmp_path / "notes.txt"
-    notes.write_text("keep me")
-    workdir = notes / "run1"
+    blocker = tmp_path / "notes.txt"
+    if kind == "file":
+        blocker.write_text("keep me")
+        reason = "not a folder"
+    else:
+        blocker.symlink_to(tmp_path / "gone" / "runs")
+        reason = "a symbolic link to nothing"
+    workdir = blocker / "run1"
     rc, err = _run(_cfg(), workdir, capsys)
-    assert rc == 2 and err == [f"error: {notes}: not a folder, so the workdir {workdir} cannot be made "
+    assert rc == 2 and err == [f"error: {blocker}: {reason}, so the workdir {workdir} cannot be made "
                                "there"], err
-    assert notes.read_text() == "keep me"
+    assert blocker.read_text() == "keep me" if kind == "file" else not (tmp_path / "gone").exists()
 
 
 def test_lock_file_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, capsys):

@@ -154,12 +154,14 @@ def unusable_workdir(workdir: str | os.PathLike, error: OSError) -> WorkdirError
     """The one-line error for a workdir that cannot be created or written (`error`, from
     making it or its lock file): the path that failed and why."""
     workdir = Path(workdir)
-    if error.errno == errno.ENOTDIR:  # name the component that is a file, not the workdir
-        blocker = next((p for p in (workdir, *workdir.parents) if p.exists() and not p.is_dir()),
-                       None)
-        if blocker is not None:
-            return WorkdirError(f"{blocker}: not a folder, so the workdir {workdir} cannot be "
-                                "made there")
+    if error.errno in (errno.ENOTDIR, errno.EEXIST, errno.ENOENT):  # name the blocking component
+        for p in (workdir, *workdir.parents):
+            if p.is_symlink() and not p.exists():
+                return WorkdirError(f"{p}: a symbolic link to nothing, so the workdir {workdir} "
+                                    "cannot be made there")
+            if p.exists() and not p.is_dir():
+                return WorkdirError(f"{p}: not a folder, so the workdir {workdir} cannot be "
+                                    "made there")
     where = error.filename or workdir
     return WorkdirError(f"{where}: {error.strerror or error} (the workdir {workdir} must be a "
                         "folder this process can write)")
