@@ -186,9 +186,9 @@ class ConfigChange:
     `record(restored_step)` to write it once the run has really started from that step."""
 
     def __init__(self, workdir: Path, new: dict, old: dict | None, lines: list[str],
-                 no_record: bool):
+                 missing_record: bool):
         self.workdir, self.new, self.old, self.lines = workdir, new, old, lines
-        self.no_record = no_record  # a resumed workdir without config.json (made before them)
+        self.missing_record = missing_record  # a resumed workdir without config.json (made before them)
 
     def record(self, restored_step: int | None, log=None) -> list[str]:
         """Write config.json (and the replaced one to config_history/step_<N>.json when it
@@ -196,7 +196,7 @@ class ConfigChange:
         log = log or (lambda msg: print(msg, file=sys.stderr))
         path = self.workdir / CONFIG_NAME
         if self.old is None:
-            if self.no_record:
+            if self.missing_record:
                 log(f"note: {self.workdir} has checkpoints but no {CONFIG_NAME} (made before "
                     "configs were recorded); recording the current config")
             atomic_write_json(path, self.new, sort_keys=True)
@@ -222,7 +222,7 @@ def compare_config(workdir: str | os.PathLike, cfg, latest_step: int | None,
     path = workdir / CONFIG_NAME
     new = config_record(cfg)
     if latest_step is None or not path.is_file():
-        return ConfigChange(workdir, new, None, [], no_record=latest_step is not None)
+        return ConfigChange(workdir, new, None, [], missing_record=latest_step is not None)
     try:
         old = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -237,7 +237,7 @@ def compare_config(workdir: str | os.PathLike, cfg, latest_step: int | None,
             f"this one would mix the two. Differences:\n" + "\n".join(f"  {x}" for x in refused) +
             "\nUse the recorded values, another --workdir, or --allow_config_change to resume "
             "anyway (the new config is then recorded)")
-    return ConfigChange(workdir, new, old, lines, no_record=False)
+    return ConfigChange(workdir, new, old, lines, missing_record=False)
 
 
 def reconcile_config(workdir: str | os.PathLike, cfg, restored_step: int | None,
