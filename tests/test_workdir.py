@@ -58,7 +58,7 @@ BAD_VALUES = [
     ("clip_norm", 0.0, "clip_norm=0.0: must be a finite number > 0"),
     ("phase1_epochs", 5, "phase1_epochs=5: must be <= num_epochs=4"),
     ("phase1_epochs", -1, "phase1_epochs=-1: must be an integer >= 0"),
-    ("seed", -1, "seed=-1: must be an integer >= 0"),
+    ("seed", -1, "seed=-1: must be an integer in [0, 4294967295]"),
     ("compute_dtype", "float16", "compute_dtype='float16': must be one of float32, bfloat16"),
     ("progress", 1, "progress=1: must be True or False"),
     ("data.crop_size", -1, "data.crop_size=-1: must be an integer >= 0"),

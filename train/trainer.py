@@ -31,6 +31,20 @@ class TrainingError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- set-up helpers
+# What restoring a damaged step raises: TensorStore's read errors (a truncated or missing data
+# file, manifest) are ValueErrors, a torn _METADATA or data-iterator JSON a JSONDecodeError (a
+# ValueError too), a deleted _METADATA a FileNotFoundError, a deleted item folder a KeyError.
+RESTORE_ERRORS = (ValueError, OSError, KeyError)
+
+
+def _restore_failure(error: BaseException, limit: int = 200) -> str:
+    """One line for a failed restore: the error's class and the head of its message."""
+    name = type(error).__name__
+    if isinstance(error, KeyError) and error.args:  # a KeyError's str() is its repr
+        error = RuntimeError(str(error.args[0]))
+    return f"{name}: {error_head(error, limit)}"
+
+
 # After a failed save, how long to wait for the step's other writes before removing its files.
 SAVE_THREADS_TIMEOUT_S = 60.0
 
@@ -115,25 +129,31 @@ class Trainer:
         try:
             self._claim_workdir(allow_config_change)
             self._build()
+            self._record_config()
         except BaseException:
             self.close()
             raise
 
     def _claim_workdir(self, allow_config_change: bool) -> None:
-        """Process 0 takes the lock and records or compares the config; every process learns
-        whether that worked, so none is left waiting for a process 0 that stopped."""
-        from train.workdir import WorkdirError, WorkdirLock, reconcile_config
+        """Process 0 takes the lock and compares the config with the recorded one (recorded
+        only after the restore, `_record_config`); every process learns whether that worked,
+        so none is left waiting for a process 0 that stopped."""
+        from train.workdir import WorkdirError, WorkdirLock, compare_config, unusable_workdir
         error = None
+        self._config_change = None
         if self.is_main:
             try:
                 self.lock = WorkdirLock(self.workdir).acquire()
                 if self.lock.took_over:
                     print(f"note: took over the lock of {self.workdir}, left by "
                           f"pid {self.lock.took_over.get('pid')} (no longer running)", file=sys.stderr)
-                reconcile_config(self.workdir, self.cfg, self._latest_step_on_disk(),
-                                 allow_change=allow_config_change)
+                self._check_checkpoint_dir()
+                self._config_change = compare_config(self.workdir, self.cfg, self._latest_step_on_disk(),
+                                                     allow_change=allow_config_change)
             except WorkdirError as e:
                 error = e
+            except OSError as e:  # the workdir or its lock file cannot be made or written
+                error = unusable_workdir(self.workdir, e)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
             ok = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
@@ -141,6 +161,29 @@ class Trainer:
                 error = WorkdirError(f"process 0 could not start on {self.workdir}; its output says why")
         if error is not None:
             raise error
+
+    def _check_checkpoint_dir(self) -> None:
+        """An existing WORKDIR/checkpoints must be a folder we can write: orbax's save into
+        one it cannot create waits forever instead of failing. (A missing one is made by
+        orbax, in the workdir whose lock file was just written.)"""
+        from train.workdir import WorkdirError
+        directory = self.workdir / CHECKPOINT_SUBDIR
+        if directory.is_symlink() and not directory.exists():
+            raise WorkdirError(f"{directory}: a symbolic link to nothing (the workdir's checkpoints go there)")
+        if directory.exists() and not directory.is_dir():
+            raise WorkdirError(f"{directory}: not a folder (the workdir's checkpoints go there)")
+        if directory.is_dir() and not os.access(directory, os.W_OK | os.X_OK):
+            raise WorkdirError(f"{directory}: not writable by this process")
+
+    def _record_config(self) -> None:
+        """Record the config (process 0), once the run's starting point is settled: a failed
+        restore leaves config.json and config_history/ as they were."""
+        from train.workdir import unusable_workdir
+        if self._config_change is not None:
+            try:
+                self._config_change.record(self.start_step)
+            except OSError as e:
+                raise unusable_workdir(self.workdir, e) from None
 
     def _latest_step_on_disk(self) -> int | None:
         import orbax.checkpoint as ocp
@@ -190,7 +233,13 @@ class Trainer:
     def _initial_model(self):
         if self.cfg.init_from:
             from smfnet_jax.checkpoint import load_checkpoint
-            return load_checkpoint(self.cfg.init_from).model
+            try:
+                return load_checkpoint(self.cfg.init_from).model
+            except (ValueError, OSError) as e:  # every checkpoint error is a ValueError
+                text = error_head(e, limit=1000)
+                if self.cfg.init_from not in text:
+                    text = f"{self.cfg.init_from}: {text}"
+                raise TrainingError(f"init_from: {text}") from None
         return create_model(self.cfg.seed)
 
     def _make_iterator(self):
@@ -224,18 +273,60 @@ class Trainer:
             data=grain.checkpoint.CheckpointRestore(self.data_iter))
 
     def _maybe_restore(self) -> int:
-        step = self.ckpt.latest_step()
-        if step is None:
-            return 0
-        restored = self.ckpt.restore(step, args=self._ckpt_args(save=False))
-        model = self._model(jax.device_get(self.state))
-        set_model_state(model, restored["model"])
-        _, params, stats = train_step_lib.split_model(model)
-        self.state = _replicate({"params": params, "batch_stats": stats, "opt": restored["opt"]},
-                                self.mesh)
+        """Restore the newest intact step (0: none on disk). A step that fails to restore
+        while an older one restores is damaged: it is set aside (`_set_aside`), never
+        deleted. If no step restores, nothing is moved (the failure may be this run's, e.g.
+        another optimiser, rather than the files') and TrainingError names each step."""
+        directory = self.workdir / CHECKPOINT_SUBDIR
+        failed = []  # (step, error) of the newer steps that did not restore
+        for step in sorted(self.ckpt.all_steps(), reverse=True):
+            try:
+                restored = self.ckpt.restore(step, args=self._ckpt_args(save=False))
+            except RESTORE_ERRORS as e:
+                failed.append((step, e))
+                continue
+            if failed:
+                self._set_aside(failed)
+            model = self._model(jax.device_get(self.state))
+            set_model_state(model, restored["model"])
+            _, params, stats = train_step_lib.split_model(model)
+            self.state = _replicate({"params": params, "batch_stats": stats, "opt": restored["opt"]},
+                                    self.mesh)
+            if self.is_main:
+                newest = " (the newest intact step)" if failed else ""
+                print(f"resumed from {directory} step {step}{newest}", file=sys.stderr)
+            return step
+        if failed:
+            raise TrainingError(
+                f"{directory}: no checkpoint step restores (" +
+                "; ".join(f"step {s}: {_restore_failure(e, 150)}" for s, e in failed) +
+                "); nothing was changed: move those steps aside, or use another workdir, to "
+                "start afresh")
+        return 0
+
+    def _set_aside(self, failed: list) -> None:
+        """Rename each damaged step folder to `<step>.damaged-<time>` (a name orbax does not
+        list as a step; kept for inspection), say so, and make the manager forget them."""
+        import time
+        directory = self.workdir / CHECKPOINT_SUBDIR
         if self.is_main:
-            print(f"resumed from {self.workdir / CHECKPOINT_SUBDIR} step {step}", file=sys.stderr)
-        return step
+            stamp = time.strftime("%Y%m%dT%H%M%S")
+            for step, error in failed:
+                dest = directory / f"{step}.damaged-{stamp}"
+                n = 1
+                while dest.exists():
+                    dest, n = directory / f"{step}.damaged-{stamp}-{n}", n + 1
+                try:
+                    os.rename(directory / str(step), dest)
+                except OSError as e:
+                    raise TrainingError(f"{directory / str(step)}: damaged ({_restore_failure(error)}) "
+                                        f"and cannot be set aside ({e.strerror})") from None
+                print(f"warning: checkpoint step {step} is damaged ({_restore_failure(error)}); "
+                      f"set aside as {dest}", file=sys.stderr)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("smfnet_set_aside_damaged_steps")
+        self.ckpt.reload()
 
     # ------------------------------------------------------------------ running
     def describe(self) -> str:

@@ -3,8 +3,9 @@
 * `WorkdirLock`: one trainer per workdir. ``WORKDIR/train.lock`` is held with `fcntl.flock`
   (the kernel drops it when its holder dies, even by SIGKILL) and names its holder
   (``{"pid", "host", "started"}``) for the message a second trainer gets.
-* `reconcile_config`: ``WORKDIR/config.json`` records the config of the run; a resume
-  compares against it.
+* `compare_config` / `reconcile_config`: ``WORKDIR/config.json`` records the config of the
+  run; a resume compares against it (before anything is restored) and records it only once
+  the restore has succeeded (`ConfigChange.record`).
 * `truncate_metrics`: a resume drops the ``metrics.jsonl`` rows logged after the restored
   checkpoint, so every step has exactly one row.
 """
@@ -150,6 +151,23 @@ class WorkdirLock:
         self.release()
 
 
+def unusable_workdir(workdir: str | os.PathLike, error: OSError) -> WorkdirError:
+    """The one-line error for a workdir that cannot be created or written (`error`, from
+    making it or its lock file): the path that failed and why."""
+    workdir = Path(workdir)
+    if error.errno in (errno.ENOTDIR, errno.EEXIST, errno.ENOENT):  # name the blocking component
+        for p in (workdir, *workdir.parents):
+            if p.is_symlink() and not p.exists():
+                return WorkdirError(f"{p}: a symbolic link to nothing, so the workdir {workdir} "
+                                    "cannot be made there")
+            if p.exists() and not p.is_dir():
+                return WorkdirError(f"{p}: not a folder, so the workdir {workdir} cannot be "
+                                    "made there")
+    where = error.filename or workdir
+    return WorkdirError(f"{where}: {error.strerror or error} (the workdir {workdir} must be a "
+                        "folder this process can write)")
+
+
 # --------------------------------------------------------------------------- the config record
 def config_record(cfg) -> dict:
     """The config as JSON-able plain data (tuples become lists, as after a JSON round trip)."""
@@ -164,25 +182,48 @@ def config_differences(old: dict, new: dict) -> list[tuple[str, object, object]]
             if a.get(k, absent) != b.get(k, absent)]
 
 
-def reconcile_config(workdir: str | os.PathLike, cfg, restored_step: int | None,
-                     allow_change: bool = False, log=None) -> list[str]:
-    """Record `cfg` in WORKDIR/config.json, or compare it with the recorded one on a resume.
+class ConfigChange:
+    """How `cfg` compares with the config recorded in a workdir (`compare_config`), and
+    `record(restored_step)` to write it once the run has really started from that step."""
 
-    restored_step: the checkpoint the run resumes from (None: a fresh start, whose config is
-    simply recorded). A resume whose config differs in keys outside `RESUMABLE_KEYS` raises
-    `WorkdirError` naming every difference, unless `allow_change`. Any accepted difference is
-    recorded: the old config goes to WORKDIR/config_history/step_<N>.json, the new one to
-    config.json. Returns the differences as "key: old -> new" lines."""
-    log = log or (lambda msg: print(msg, file=sys.stderr))
+    def __init__(self, workdir: Path, new: dict, old: dict | None, lines: list[str],
+                 missing_record: bool):
+        self.workdir, self.new, self.old, self.lines = workdir, new, old, lines
+        self.missing_record = missing_record  # a resumed workdir without config.json (made before them)
+
+    def record(self, restored_step: int | None, log=None) -> list[str]:
+        """Write config.json (and the replaced one to config_history/step_<N>.json when it
+        changed); returns the differences as "key: old -> new" lines."""
+        log = log or (lambda msg: print(msg, file=sys.stderr))
+        path = self.workdir / CONFIG_NAME
+        if self.old is None:
+            if self.missing_record:
+                log(f"note: {self.workdir} has checkpoints but no {CONFIG_NAME} (made before "
+                    "configs were recorded); recording the current config")
+            atomic_write_json(path, self.new, sort_keys=True)
+            return []
+        if not self.lines:
+            return []
+        atomic_write_json(self.workdir / CONFIG_HISTORY / f"step_{restored_step:08d}.json",
+                          self.old, sort_keys=True)
+        atomic_write_json(path, self.new, sort_keys=True)
+        log(f"config changed since the last run (old one kept in {self.workdir / CONFIG_HISTORY}):\n" +
+            "\n".join(f"  {x}" for x in self.lines))
+        return self.lines
+
+
+def compare_config(workdir: str | os.PathLike, cfg, latest_step: int | None,
+                   allow_change: bool = False) -> ConfigChange:
+    """Compare `cfg` with WORKDIR/config.json without writing anything.
+
+    latest_step: the newest checkpoint on disk (None: a fresh start, whose config is simply
+    recorded). A resume whose config differs in keys outside `RESUMABLE_KEYS` raises
+    `WorkdirError` naming every difference, unless `allow_change`."""
     workdir = Path(workdir)
     path = workdir / CONFIG_NAME
     new = config_record(cfg)
-    if restored_step is None or not path.is_file():
-        if restored_step is not None:
-            log(f"note: {workdir} has checkpoints but no {CONFIG_NAME} (made before configs were "
-                "recorded); recording the current config")
-        atomic_write_json(path, new, sort_keys=True)
-        return []
+    if latest_step is None or not path.is_file():
+        return ConfigChange(workdir, new, None, [], missing_record=latest_step is not None)
     try:
         old = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -190,20 +231,23 @@ def reconcile_config(workdir: str | os.PathLike, cfg, restored_step: int | None,
                            "record the current one") from None
     diffs = config_differences(old, new)
     lines = [f"{k}: {o!r} -> {n!r}" for k, o, n in diffs]
-    if not diffs:
-        return []
     refused = [line for (k, _, _), line in zip(diffs, lines) if k not in RESUMABLE_KEYS]
     if refused and not allow_change:
         raise WorkdirError(
-            f"{workdir} was trained to step {restored_step} with another config; resuming with "
+            f"{workdir} was trained to step {latest_step} with another config; resuming with "
             f"this one would mix the two. Differences:\n" + "\n".join(f"  {x}" for x in refused) +
             "\nUse the recorded values, another --workdir, or --allow_config_change to resume "
             "anyway (the new config is then recorded)")
-    atomic_write_json(workdir / CONFIG_HISTORY / f"step_{restored_step:08d}.json", old, sort_keys=True)
-    atomic_write_json(path, new, sort_keys=True)
-    log(f"config changed since the last run (old one kept in {workdir / CONFIG_HISTORY}):\n" +
-        "\n".join(f"  {x}" for x in lines))
-    return lines
+    return ConfigChange(workdir, new, old, lines, missing_record=False)
+
+
+def reconcile_config(workdir: str | os.PathLike, cfg, restored_step: int | None,
+                     allow_change: bool = False, log=None) -> list[str]:
+    """Record `cfg` in WORKDIR/config.json, or compare it with the recorded one on a resume
+    (`compare_config`, then `ConfigChange.record`). Any accepted difference is recorded: the
+    old config goes to WORKDIR/config_history/step_<N>.json, the new one to config.json.
+    Returns the differences as "key: old -> new" lines."""
+    return compare_config(workdir, cfg, restored_step, allow_change).record(restored_step, log)
 
 
 # --------------------------------------------------------------------------- the logs
@@ -231,6 +275,7 @@ def truncate_metrics(path: str | os.PathLike, step: int) -> int:
     return dropped
 
 
-__all__ = ["WorkdirLock", "WorkdirError", "reconcile_config", "config_differences",
+__all__ = ["WorkdirLock", "WorkdirError", "reconcile_config", "compare_config", "ConfigChange",
+           "unusable_workdir", "config_differences",
            "config_record", "truncate_metrics", "RESUMABLE_KEYS", "LOCK_NAME", "CONFIG_NAME",
            "CONFIG_HISTORY", "METRICS_NAME"]

@@ -14,6 +14,9 @@ from typing import Any, Callable, Iterator
 
 from smfnet_jax.policy import CONV_SUMS_CHOICES, DTYPES as COMPUTE_DTYPES, PRECISIONS
 CPU_COLLECTIVES = ("gloo", "mpi", "")
+# jax.random.key keeps only the low 32 bits of a seed (without jax_enable_x64): key(2**32 + 5)
+# is key(5), and above 2**63 - 1 it raises OverflowError. One seed, one initialisation.
+MAX_SEED = 2**32 - 1
 
 
 class ConfigError(ValueError):
@@ -21,7 +24,10 @@ class ConfigError(ValueError):
 
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
-        super().__init__("invalid config:\n" + "\n".join(f"  {p}" for p in self.problems))
+        if len(self.problems) == 1:  # one line, as every other bad input
+            super().__init__(f"invalid config: {self.problems[0]}")
+        else:
+            super().__init__("invalid config:\n" + "\n".join(f"  {p}" for p in self.problems))
 
 
 def as_dict(cfg) -> dict:
@@ -80,7 +86,7 @@ def _rules() -> Iterator[tuple[str, Callable[[Any], bool], str]]:
     string = (lambda v: isinstance(v, str), "a string")
     unit_open = (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)")
     table = {
-        "seed": nonneg_int,
+        "seed": (lambda v: _is_int(v) and 0 <= v <= MAX_SEED, f"an integer in [0, {MAX_SEED}]"),
         "data.h5": string,
         "data.synthetic_pairs": nonneg_int,
         "data.synthetic_size": pos_int,
@@ -162,8 +168,15 @@ def config_problems(cfg) -> list[str]:
             0 < g("data.patch_size") < g("data.crop_size"):
         problems.append(f"data.crop_size={g('data.crop_size')}: larger than the patches "
                         f"(data.patch_size={g('data.patch_size')})")
-    if good("init_from") and g("init_from") and not Path(g("init_from")).exists():
-        problems.append(f"init_from={g('init_from')!r}: no such file or folder")
+    if good("init_from") and g("init_from"):
+        init = Path(g("init_from"))
+        from smfnet_jax.export import ONNX_SUFFIX, SUFFIX as EXPORT_SUFFIX
+        if not init.exists():
+            problems.append(f"init_from={g('init_from')!r}: no such file or folder")
+        elif init.is_file() and init.suffix in (EXPORT_SUFFIX, ONNX_SUFFIX):
+            problems.append(f"init_from={g('init_from')!r}: an exported model ({init.suffix}) "
+                            "holds a compiled function, not trainable weights; start from a "
+                            ".pth, a .safetensors, a converted orbax folder or a training workdir")
     if good("distributed.num_processes", "distributed.process_id") and \
             g("distributed.process_id") >= g("distributed.num_processes"):
         problems.append(f"distributed.process_id={g('distributed.process_id')}: must be < "
