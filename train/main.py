@@ -22,6 +22,7 @@ and one-sample micro-batches on CPU, XLA's native convolutions and whole batches
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -126,7 +127,7 @@ def run(cfg, workdir: str, allow_config_change: bool = False) -> int:
     from smfnet_jax.checkpoint import TRAIN_CHECKPOINT_SUBDIR
     from train.configs.validate import ConfigError, check_config, missing_data
     from train.data import MSRS_HELP, BadPatchError, MissingDatasetError
-    from train.trainer import Trainer, TrainingError, init_distributed
+    from train.trainer import Trainer, TrainingError, TrainingInterrupted, init_distributed
     from train.workdir import WorkdirError
     try:
         check_config(cfg)  # before joining other processes: a bad value stops every one alike
@@ -150,6 +151,13 @@ def run(cfg, workdir: str, allow_config_change: bool = False) -> int:
     except (MissingDatasetError, BadPatchError, TrainingError, WorkdirError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:  # the step it stopped at is saved; a rerun resumes there
+        print(e, file=sys.stderr)
+        return e.exit_status
+    except KeyboardInterrupt:  # Ctrl-C outside Trainer.run's steps (set-up, restore)
+        print(f"interrupted (SIGINT) without saving; a rerun resumes from the latest checkpoint "
+              f"in {Path(workdir) / TRAIN_CHECKPOINT_SUBDIR}, if any", file=sys.stderr)
+        return 128 + signal.SIGINT  # as a shell reports a process that SIGINT ended
     if last:
         print(f"done: step {last['step']}, loss {last['loss']:.5f}; checkpoints in "
               f"{Path(workdir) / TRAIN_CHECKPOINT_SUBDIR}", file=sys.stderr)
