@@ -11,6 +11,8 @@ its config (config.json) and a resume with a different one is refused, except fo
 that only say how long to train and how often to log/save (num_epochs, max_steps, cadences,
 progress, distributed address); --allow_config_change resumes anyway and records the new one.
 One trainer per workdir (WORKDIR/train.lock). Bad config values are all listed at once (exit 2).
+SIGTERM (preemption) or Ctrl-C: the step in progress finishes and is saved, one line names it,
+exit status 143 / 130 (unfinished: a scheduler restarts it; the same command resumes).
 Compiled steps are cached on disk ($SMFNET_JAX_CACHE, default ~/.cache/smfnet_jax/xla; "off"
 disables). absl's --verbosity=0 shows orbax's INFO logs (hidden by default).
 Multi-host: --config.distributed.coordinator_address=HOST:PORT
