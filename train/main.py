@@ -11,6 +11,8 @@ its config (config.json) and a resume with a different one is refused, except fo
 that only say how long to train and how often to log/save (num_epochs, max_steps, cadences,
 progress, distributed address); --allow_config_change resumes anyway and records the new one.
 One trainer per workdir (WORKDIR/train.lock). Bad config values are all listed at once (exit 2).
+SIGTERM (preemption) or Ctrl-C: the step in progress finishes and is saved, one line names it,
+exit status 143 / 130 (unfinished: a scheduler restarts it; the same command resumes).
 Compiled steps are cached on disk ($SMFNET_JAX_CACHE, default ~/.cache/smfnet_jax/xla; "off"
 disables). absl's --verbosity=0 shows orbax's INFO logs (hidden by default).
 Multi-host: --config.distributed.coordinator_address=HOST:PORT
@@ -22,6 +24,7 @@ and one-sample micro-batches on CPU, XLA's native convolutions and whole batches
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -126,7 +129,7 @@ def run(cfg, workdir: str, allow_config_change: bool = False) -> int:
     from smfnet_jax.checkpoint import TRAIN_CHECKPOINT_SUBDIR
     from train.configs.validate import ConfigError, check_config, missing_data
     from train.data import MSRS_HELP, BadPatchError, MissingDatasetError
-    from train.trainer import Trainer, TrainingError, init_distributed
+    from train.trainer import Trainer, TrainingError, TrainingInterrupted, init_distributed
     from train.workdir import WorkdirError
     try:
         check_config(cfg)  # before joining other processes: a bad value stops every one alike
@@ -150,6 +153,13 @@ def run(cfg, workdir: str, allow_config_change: bool = False) -> int:
     except (MissingDatasetError, BadPatchError, TrainingError, WorkdirError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:  # the step it stopped at is saved; a rerun resumes there
+        print(e, file=sys.stderr)
+        return e.exit_status
+    except KeyboardInterrupt:  # Ctrl-C outside Trainer.run's steps (set-up, restore)
+        print(f"interrupted (SIGINT) without saving; a rerun resumes from the latest checkpoint "
+              f"in {Path(workdir) / TRAIN_CHECKPOINT_SUBDIR}, if any", file=sys.stderr)
+        return 128 + signal.SIGINT  # as a shell reports a process that SIGINT ended
     if last:
         print(f"done: step {last['step']}, loss {last['loss']:.5f}; checkpoints in "
               f"{Path(workdir) / TRAIN_CHECKPOINT_SUBDIR}", file=sys.stderr)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import jax
@@ -28,6 +30,54 @@ from train import step as train_step_lib
 
 class TrainingError(RuntimeError):
     """Training cannot go on (bad data, non-finite loss); the message says why."""
+
+
+class TrainingInterrupted(Exception):
+    """`Trainer.run` stopped early on SIGTERM/SIGINT (or, in a multi-process run, a preemption
+    notice to any process) after saving the step it stopped at and waiting for that save; a
+    rerun resumes from it. `exit_status` is 128 + the signal's number, as for a process
+    that the signal ended (143 for SIGTERM, 130 for SIGINT): not 0, so a scheduler restarts it."""
+
+    def __init__(self, step: int, signum: int, cause: str, directory: Path):
+        self.step, self.signum, self.directory = step, signum, directory
+        self.exit_status = 128 + signum
+        super().__init__(f"interrupted ({cause}): saved checkpoint step {step} in {directory}; "
+                         "run the same command again to resume")
+
+
+class StopSignals:
+    """While active (a `with` block), SIGTERM and SIGINT only note that the run should stop;
+    the training loop reads `received` at its next step boundary. The handler does nothing
+    else (no I/O: it may interrupt a write to the same stream), except that it gives both
+    signals back their default action, so a second one ends the process at once. The
+    previous handlers are restored on exit; a signal whose handler was not set from Python
+    (signal.getsignal() is None), and every signal off the main thread (where Python cannot
+    set handlers), is left alone."""
+
+    def __init__(self, signums=(signal.SIGTERM, signal.SIGINT)):
+        self.signums = tuple(signums)
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.signums:
+                previous = signal.getsignal(signum)
+                if previous is not None:
+                    self._previous[signum] = previous
+                    signal.signal(signum, self._note)
+        return self
+
+    def _note(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = signum
+        for s in self._previous:
+            signal.signal(s, signal.SIG_DFL)
+
+    def __exit__(self, *exc):
+        while self._previous:
+            signum, handler = self._previous.popitem()
+            signal.signal(signum, handler)
 
 
 # --------------------------------------------------------------------------- set-up helpers
@@ -397,14 +447,45 @@ class Trainer:
                              f"removed; {last}")
 
     def run(self, progress: bool | None = None) -> dict:
+        """Train from `start_step` to `total_steps`; the last logged metrics.
+
+        SIGTERM or SIGINT (handled so only during this call) stops the run at the next step
+        boundary: that step is checked, logged and saved like a scheduled one, the save is
+        waited for, then `TrainingInterrupted` says which step. A multi-process run leaves
+        SIGTERM to JAX's preemption service, which tells every process (SIGINT is passed on
+        to it), and every process stops at the same step, the service's sync point."""
         cfg = self.cfg
         progress = cfg.progress if progress is None else progress
+        preemption = self._preemption_service()
+        signals = StopSignals(() if preemption is None else
+                              (signal.SIGINT,) if preemption else (signal.SIGTERM, signal.SIGINT))
+        with signals:
+            last = self._loop(progress, signals, preemption)
+            self.wait_for_saves()  # the last save's failure is this run's error
+        return last
+
+    def _preemption_service(self) -> bool | None:
+        """False: one process, which handles the signals itself. True: several processes and
+        JAX's preemption service, whose sync point says when to stop. None: several processes
+        without it (jax_enable_preemption_service off): signals keep their usual effect,
+        since processes stopping at different steps would wait for each other forever."""
+        if jax.process_count() == 1:
+            return False
+        from jax.experimental import multihost_utils
+        try:
+            multihost_utils.reached_preemption_sync_point(self.start_step)
+        except RuntimeError:  # the service is off
+            return None
+        return True
+
+    def _loop(self, progress: bool, signals: StopSignals, preemption: bool | None) -> dict:
+        cfg = self.cfg
         logger = MetricsLogger(self.workdir, enabled=self.is_main, start_step=self.start_step)
         bar = None
         if progress and self.is_main:  # a bar on a terminal, plain lines in a log
             from smfnet_jax.cli import Progress
             bar = Progress(self.total_steps, "train", "step", initial=self.start_step)
-        last, status = {}, ""
+        last, status, notice_sent = {}, "", False
         try:
             for step in range(self.start_step, self.total_steps):
                 epoch = step // self.steps_per_epoch
@@ -413,8 +494,17 @@ class Trainer:
                 vi, ir = _global_batch(next(self.data_iter), self.mesh)
                 self.state, metrics = self.steps[phase](self.state, vi, ir, lrs)
                 done = step + 1
+                if preemption:
+                    if signals.received is not None and not notice_sent:
+                        notice_sent = True  # JAX's notifier watches SIGTERM; it tells every process
+                        signal.raise_signal(signal.SIGTERM)
+                    from jax.experimental import multihost_utils
+                    stop = multihost_utils.reached_preemption_sync_point(done)  # every step
+                else:
+                    stop = signals.received is not None
+                stop = stop and done < self.total_steps  # at the end the run is complete anyway
                 log_now = done % cfg.log_every_steps == 0 or done == self.total_steps
-                save_now = done % cfg.checkpoint_every_steps == 0 or done == self.total_steps
+                save_now = done % cfg.checkpoint_every_steps == 0 or done == self.total_steps or stop
                 if log_now or save_now:
                     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     bad = sorted(k for k, v in values.items() if not math.isfinite(v))
@@ -434,12 +524,22 @@ class Trainer:
                     self.write_sample(epoch, vi, ir)
                 if bar is not None:
                     bar.update(1, status)
+                if stop:
+                    self.wait_for_saves()
+                    raise self._interrupted(done, signals.received)
         finally:
             if bar is not None:
                 bar.close()
             logger.close()
-        self.wait_for_saves()  # the last save's failure is this run's error
         return last
+
+    def _interrupted(self, step: int, received: int | None) -> TrainingInterrupted:
+        if received is not None:
+            signum, cause = received, signal.Signals(received).name
+        else:  # a multi-process run: JAX's preemption service saw SIGTERM in some process
+            signum = signal.SIGTERM
+            cause = f"a preemption notice to one of the {jax.process_count()} processes"
+        return TrainingInterrupted(step, signum, cause, self.workdir / CHECKPOINT_SUBDIR)
 
     def write_sample(self, epoch: int, vi: jax.Array, ir: jax.Array) -> None:
         """Fuse the first pair of the current batch in eval mode and write it as a PNG."""
@@ -500,4 +600,5 @@ class MetricsLogger:
             self.tb.close()
 
 
-__all__ = ["Trainer", "TrainingError", "MetricsLogger", "init_distributed", "CHECKPOINT_SUBDIR"]
+__all__ = ["Trainer", "TrainingError", "TrainingInterrupted", "StopSignals", "MetricsLogger",
+           "init_distributed", "CHECKPOINT_SUBDIR"]
