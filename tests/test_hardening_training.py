@@ -36,9 +36,9 @@ def _no_compile(monkeypatch):
     import jax
     import train.step
 
-    def jit_train_step(graphdef, phase, cfg, mesh):
-        return lambda state, vi, ir, lrs: (jax.tree.map(lambda x: x + 1, state),
-                                           {"loss": np.float32(1.0)})
+    def jit_train_step(graphdef, phase, cfg, mesh, *, tx=None):
+        return lambda state, vi, ir: (jax.tree.map(lambda x: x + 1, state),
+                                      {"loss": np.float32(1.0)})
 
     monkeypatch.setattr(train.step, "jit_train_step", jit_train_step)
 

@@ -231,15 +231,16 @@ def _cpu_flops_of_phase2(batch, size, precision):
     from smfnet_jax.model import create_model
     from smfnet_jax.policy import resolve
     from train.configs import msrs
-    from train.step import init_train_state, learning_rates, make_train_step
+    from train.optim import make_optimizer
+    from train.step import init_train_state, make_train_step
     cfg = msrs.get_config()
     cfg.precision = precision
     policy = resolve("xla", precision=precision)
-    graphdef, state = init_train_state(create_model(0, policy), cfg, policy)
+    tx = make_optimizer(cfg, 1, 2)
+    graphdef, state = init_train_state(create_model(0, policy), cfg, policy, tx=tx)
     state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
     img = jax.ShapeDtypeStruct((batch, size, size, 1), jnp.float32)
-    lrs = {k: jax.ShapeDtypeStruct((), jnp.float32) for k in learning_rates(0, cfg)}
-    lowered = jax.jit(make_train_step(graphdef, 2, cfg)).lower(state, img, img, lrs)
+    lowered = jax.jit(make_train_step(graphdef, 2, cfg, tx=tx)).lower(state, img, img)
     return lowered.compile().cost_analysis()["flops"]
 
 

@@ -72,17 +72,18 @@ def lowered_train_steps():
     """Both train steps, traced once with the GPU/TPU default policy (XLA's routines,
     precision highest), lowered for cuda and for tpu."""
     from train.configs import msrs
-    from train.step import init_train_state, learning_rates, make_train_step
+    from train.optim import make_optimizer
+    from train.step import init_train_state, make_train_step
     cfg = msrs.get_config()
     cfg.batch_size, cfg.microbatches = 2, 0
     policy = resolve(platform="tpu")
     assert policy == ComputePolicy("xla", "highest", "float32")
-    graphdef, state = init_train_state(create_model(0), cfg, policy)
+    graphdef, state = init_train_state(create_model(0), cfg, policy, tx=make_optimizer(cfg, 1, 1))
     vi, ir = _inputs(batch=2)
     out = {}
     for phase in (1, 2):
-        lrs = {k: jnp.float32(v) for k, v in learning_rates(0 if phase == 1 else 5, cfg).items()}
-        traced = jax.jit(make_train_step(graphdef, phase, cfg)).trace(state, vi, ir, lrs)
+        tx = make_optimizer(cfg, 1, phase)
+        traced = jax.jit(make_train_step(graphdef, phase, cfg, tx=tx)).trace(state, vi, ir)
         for platform in ("cuda", "tpu"):
             out[phase, platform] = traced.lower(lowering_platforms=(platform,)).as_text()
     return out

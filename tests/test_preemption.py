@@ -133,8 +133,8 @@ def test_ctrl_c_saves_the_step_and_restores_the_callers_handlers(tiny_h5, tmp_pa
     from train import step as step_lib
     seen = {"calls": 0}
 
-    def fake_jit_train_step(graphdef, phase, cfg, mesh=None):
-        def step(state, vi, ir, lrs):
+    def fake_jit_train_step(graphdef, phase, cfg, mesh=None, *, tx=None):
+        def step(state, vi, ir):
             seen["calls"] += 1
             if seen["calls"] == 3:
                 signal.raise_signal(signal.SIGINT)  # as a terminal's Ctrl-C, mid-step
@@ -193,9 +193,9 @@ FAKE_STEP_MAIN = textwrap.dedent("""
     import jax, jax.numpy as jnp
     from train import main, step as step_lib
 
-    def fake_jit_train_step(graphdef, phase, cfg, mesh=None):
+    def fake_jit_train_step(graphdef, phase, cfg, mesh=None, *, tx=None):
         mean = jax.jit(lambda vi, ir: jnp.mean(vi) + jnp.mean(ir))
-        def step(state, vi, ir, lrs):
+        def step(state, vi, ir):
             time.sleep(0.05)
             return state, {"loss": mean(vi, ir)}
         return step

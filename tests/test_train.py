@@ -1,4 +1,5 @@
-"""Training: loss/gradient parity with the reference, schedules, sharding, resume, multi-host.
+"""Training: loss/gradient parity with the reference, sharding, resume, multi-host (the
+optimiser and its schedules: tests/test_optim.py).
 
 Model compiles dominate the cost here, so every training run uses the same tiny shapes
 (16x16 patches, global batch 2) and the persistent compilation cache set in conftest.py.
@@ -19,7 +20,6 @@ import numpy as np
 import pytest
 
 from train.configs import smoke
-from train.step import clip_grad_norm, learning_rates
 
 REPO = Path(__file__).resolve().parents[1]
 LOSS_RTOL = 1e-4
@@ -84,10 +84,10 @@ def test_unused_in_phase_is_what_the_phase_leaves_without_gradient(phase, our_lo
     """train.phases.PHASES[n].unused (the parameters torch's Adam skips, .grad None) against the
     gradients the phase produces: exactly zero there, nonzero in every other leaf."""
     import jax
-    from train.step import trained_mask
+    from train.optim import trained_mask
     grads = our_losses[phase, 1][2]
     for sub, tree in grads.items():
-        mask = trained_mask(phase, sub, tree)
+        mask = trained_mask(phase, {sub: tree})[sub]
         for (path, g), trained in zip(jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(mask)):
             nonzero = bool(np.any(np.asarray(g) != 0))
             assert nonzero == trained, (phase, sub, jax.tree_util.keystr(path), trained)
@@ -221,72 +221,6 @@ def test_microbatches_must_divide_the_per_device_batch(tmp_path, monkeypatch):
         Trainer(cfg, tmp_path / "w")
 
 
-# --------------------------------------------------------------------------- optimiser pieces
-def test_learning_rate_schedule_as_reference():
-    from train.configs.msrs import get_config
-    cfg = get_config()
-    lr = learning_rates
-    assert lr(0, cfg)["encoder"] == 1e-4 and lr(19, cfg)["graph"] == 1e-4
-    assert lr(20, cfg)["decoder"] == 5e-5
-    assert lr(39, cfg)["base_fuse"] == 1e-4          # fusion schedulers idle in phase I
-    assert lr(40, cfg)["encoder"] == 2.5e-5 and lr(40, cfg)["detail_fuse"] == 1e-4
-    assert lr(60, cfg)["base_fuse"] == 5e-5 and lr(60, cfg)["encoder"] == 1.25e-5
-    assert math.isclose(lr(119, cfg)["encoder"], 1e-4 / 32)
-    cfg.lr_min = 2e-5
-    assert lr(119, cfg)["encoder"] == 2e-5          # floored like the reference's manual clamp
-
-
-def torch_adam_float64(p, grads, lr, b1=0.9, b2=0.999, eps=1e-8):
-    """torch.optim.Adam (weight_decay 0) written from its documented update, in float64;
-    `grads[i]` None: no gradient at step i (torch skips the parameter, its count included)."""
-    p = np.array(p, np.float64)
-    m, v, t = np.zeros_like(p), np.zeros_like(p), 0
-    for g in grads:
-        if g is None:
-            continue
-        t += 1
-        m = b1 * m + (1 - b1) * g
-        v = b2 * v + (1 - b2) * g * g
-        p = p - lr / (1 - b1 ** t) * m / (np.sqrt(v) / np.sqrt(1 - b2 ** t) + eps)
-    return p, t
-
-
-def test_adam_is_torch_adam_with_per_parameter_steps():
-    """Two leaves over four steps, one of them without gradient for the first two (like the
-    graph's fused head in phase I): each takes torch's steps, counted per parameter, so the
-    late one's first step is step 1 (full bias correction), not step 3."""
-    import jax.numpy as jnp
-    from train.configs.msrs import get_config
-    from train.step import adam_init, adam_update
-    cfg = get_config()
-    r = np.random.default_rng(0)
-    p0 = {"early": r.normal(size=5).astype(np.float32), "late": np.zeros(5, np.float32)}
-    gs = [r.normal(size=5).astype(np.float32) * 10.0 ** -k for k in range(4)]
-    params, state = dict(p0), adam_init(p0)
-    for i, g in enumerate(gs):
-        mask = {"early": True, "late": i >= 2}
-        params, state = adam_update({"early": jnp.asarray(g), "late": jnp.asarray(g)}, state,
-                                    params, jnp.float32(1e-3), mask, cfg)
-    want_early, t_early = torch_adam_float64(p0["early"], gs, 1e-3)
-    want_late, t_late = torch_adam_float64(p0["late"], [None, None] + gs[2:], 1e-3)
-    assert int(state.step["early"]) == t_early == 4 and int(state.step["late"]) == t_late == 2
-    np.testing.assert_allclose(params["early"], want_early, rtol=0, atol=2e-7)
-    np.testing.assert_allclose(params["late"], want_late, rtol=0, atol=2e-7)
-    # from 0, the late leaf holds the updates themselves: float32-exact, which needs
-    # 1 - 0.999**t not computed in float32 (that alone scales a step 1 by 1 + 6e-6)
-    np.testing.assert_allclose(params["late"], want_late, rtol=1e-6)
-
-
-def test_clip_grad_norm_is_torch_formula():
-    import jax.numpy as jnp
-    g = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([0.0])}
-    clipped, norm = clip_grad_norm(g, 0.01)
-    assert float(norm) == pytest.approx(5.0)
-    assert np.allclose(clipped["a"], np.array([3.0, 4.0]) * 0.01 / (5.0 + 1e-6), rtol=1e-7)
-    small, _ = clip_grad_norm(g, 100.0)
-    assert np.array_equal(small["a"], g["a"])        # never scaled up
-
-
 # --------------------------------------------------------------------------- tiny training runs
 def tiny_overrides(h5: Path) -> list[str]:
     return [f"--config.data.h5={h5}", "--config.batch_size=2", "--config.steps_per_epoch=2",
@@ -396,7 +330,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_h5, tmp_path)
     trainer = Trainer(cfg, tmp_path)
     calls = []
 
-    def fake_step(state, vi, ir, lrs):
+    def fake_step(state, vi, ir):
         calls.append(1)
         return state, {"loss": np.float32(1.0 if len(calls) == 1 else np.nan)}
 
@@ -412,30 +346,31 @@ SHARDED_SCRIPT = textwrap.dedent("""
     assert jax.device_count() == 4, jax.devices()
     from train.configs import smoke
     from train.data import SyntheticPairs
+    from train.optim import make_optimizer
     from train.step import init_train_state, jit_train_step
     from train.trainer import make_mesh, _replicate
     from smfnet_jax.model import create_model
-    cfg = smoke.get_config()
+    cfg = smoke.get_config()  # lr 1e-3 at every sub-model's first step
     src = SyntheticPairs(4, 16, seed=5)
     vi = np.stack([src[i]["vi"] for i in range(4)]); ir = np.stack([src[i]["ir"] for i in range(4)])
-    lrs = {k: np.float32(1e-3) for k in ("encoder", "decoder", "graph", "base_fuse", "detail_fuse")}
-    graphdef, state = init_train_state(create_model(0), cfg)
-    single, m1 = jit_train_step(graphdef, 2, cfg)(jax.device_put(state, jax.devices()[0]), vi, ir, lrs)
+    tx = make_optimizer(cfg, 1, 2)
+    graphdef, state = init_train_state(create_model(0), cfg, tx=tx)
+    single, m1 = jit_train_step(graphdef, 2, cfg, tx=tx)(jax.device_put(state, jax.devices()[0]), vi, ir)
     mesh = make_mesh()
     from jax.sharding import NamedSharding, PartitionSpec as P
     batch = NamedSharding(mesh, P("data"))
-    graphdef, state = init_train_state(create_model(0), cfg)
-    sharded, m4 = jit_train_step(graphdef, 2, cfg, mesh)(
-        _replicate(state, mesh), jax.device_put(vi, batch), jax.device_put(ir, batch), lrs)
+    graphdef, state = init_train_state(create_model(0), cfg, tx=tx)
+    sharded, m4 = jit_train_step(graphdef, 2, cfg, mesh, tx=tx)(
+        _replicate(state, mesh), jax.device_put(vi, batch), jax.device_put(ir, batch))
     assert len(sharded["params"]["encoder"]["patch_embed"]["kernel"].sharding.device_set) == 4
     # the micro-batched step on the mesh: batch 8, 2 samples per device, 2 micro-batches
     vi8, ir8 = np.concatenate([vi, vi[::-1]]), np.concatenate([ir, ir[::-1]])
-    graphdef, state = init_train_state(create_model(0), cfg)
-    single8, m1_8 = jit_train_step(graphdef, 2, cfg)(jax.device_put(state, jax.devices()[0]), vi8, ir8, lrs)
+    graphdef, state = init_train_state(create_model(0), cfg, tx=tx)
+    single8, m1_8 = jit_train_step(graphdef, 2, cfg, tx=tx)(jax.device_put(state, jax.devices()[0]), vi8, ir8)
     cfg.microbatches = 2
-    graphdef, state = init_train_state(create_model(0), cfg)
-    micro, m4_8 = jit_train_step(graphdef, 2, cfg, mesh)(
-        _replicate(state, mesh), jax.device_put(vi8, batch), jax.device_put(ir8, batch), lrs)
+    graphdef, state = init_train_state(create_model(0), cfg, tx=tx)
+    micro, m4_8 = jit_train_step(graphdef, 2, cfg, mesh, tx=tx)(
+        _replicate(state, mesh), jax.device_put(vi8, batch), jax.device_put(ir8, batch))
 
     def leaf_differences(x, y):  # per leaf: max |a - b| / max(1, max |a|)
         out = []
@@ -445,19 +380,19 @@ SHARDED_SCRIPT = textwrap.dedent("""
         return out
 
     def sensitivity(step, state_of, vi, ir):  # per leaf: the step's move for inputs moved k ulps
-        base = step(state_of(), vi, ir, lrs)
+        base = step(state_of(), vi, ir)
         worst = None
         for k in (1, 2, 3, 5, 8):
             e = np.float32(1 + k * 2 ** -23)
-            d = leaf_differences(base, step(state_of(), vi * e, ir * e, lrs))
+            d = leaf_differences(base, step(state_of(), vi * e, ir * e))
             worst = d if worst is None else [max(a, b) for a, b in zip(worst, d)]
         return worst
 
     def fresh(cfg_):
-        return lambda: jax.device_put(init_train_state(create_model(0), cfg_)[1], jax.devices()[0])
+        return lambda: jax.device_put(init_train_state(create_model(0), cfg_, tx=tx)[1], jax.devices()[0])
 
     cfg.microbatches = 1
-    single_step = jit_train_step(graphdef, 2, cfg)
+    single_step = jit_train_step(graphdef, 2, cfg, tx=tx)
     print(json.dumps({
         "diff": leaf_differences((single, m1), (sharded, m4)), "loss": float(m1["loss"]),
         "sensitivity": sensitivity(single_step, fresh(cfg), vi, ir),

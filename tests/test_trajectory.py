@@ -97,24 +97,24 @@ def plain_loop(cfg, pth, steps: int, scales=(1.0,)):
     trainer reads (same pipeline, same seed) and its mesh, once per input scale (the images
     times `scale` in float32); yields (scale, graphdef, state after the last step)."""
     import jax
-    import jax.numpy as jnp
     from smfnet_jax.checkpoint import load_checkpoint
     from train.data import make_train_iterator
-    from train.step import init_train_state, jit_train_step, learning_rates
+    from train.optim import make_optimizer
+    from train.step import init_train_state, jit_train_step
     from train.trainer import _global_batch, make_mesh, open_data
-    graphdef, initial = init_train_state(load_checkpoint(pth).model, cfg)
+    txs = {phase: make_optimizer(cfg, 1, phase) for phase in (1, 2)}  # an epoch is one batch here
+    graphdef, initial = init_train_state(load_checkpoint(pth).model, cfg, tx=txs[1])
     initial = jax.device_get(initial)
     mesh = make_mesh()
-    fns = {phase: jit_train_step(graphdef, phase, cfg, mesh) for phase in (1, 2)}
+    fns = {phase: jit_train_step(graphdef, phase, cfg, mesh, tx=txs[phase]) for phase in (1, 2)}
     for scale in scales:
         state = jax.device_put(initial)  # a fresh copy: the step donates its state
         batches = make_train_iterator(open_data(cfg), global_batch_size=cfg.batch_size,
                                       seed=cfg.seed, worker_count=0)
         for epoch in range(steps):
             phase = 1 if epoch < cfg.phase1_epochs else 2
-            lrs = {k: jnp.float32(v) for k, v in learning_rates(epoch, cfg).items()}
             vi, ir = (x * np.float32(scale) for x in _global_batch(next(batches), mesh))
-            state, _ = fns[phase](state, vi, ir, lrs)
+            state, _ = fns[phase](state, vi, ir)
         yield scale, graphdef, jax.device_get(state)
 
 

@@ -53,8 +53,8 @@ BAD_VALUES = [
     ("lr_gamma", 0.0, "lr_gamma=0.0: must be a number in (0, 1]"),
     ("lr_gamma", 1.5, "lr_gamma=1.5: must be a number in (0, 1]"),
     ("lr_step_epochs", 0, "lr_step_epochs=0: must be a positive integer"),
-    ("adam_b1", 1.0, "adam_b1=1.0: must be a number in [0, 1)"),
-    ("adam_eps", 0.0, "adam_eps=0.0: must be a finite number > 0"),
+    ("optimizer", 3, "optimizer=3: must be a string"),
+    ("schedule", "linear", "schedule='linear': must be one of step, cosine, constant"),
     ("clip_norm", 0.0, "clip_norm=0.0: must be a finite number > 0"),
     ("phase1_epochs", 5, "phase1_epochs=5: must be <= num_epochs=4"),
     ("phase1_epochs", -1, "phase1_epochs=-1: must be an integer >= 0"),
@@ -211,6 +211,28 @@ def test_training_longer_and_cadences_may_change_on_resume(tmp_path):
         "log_every_steps: 1 -> 5", "num_epochs: 4 -> 8", "progress: True -> False"]
     assert json.loads((tmp_path / CONFIG_NAME).read_text())["num_epochs"] == 8
     assert reconcile_config(tmp_path, cfg, 30) == []  # now the recorded one
+
+
+def test_config_recorded_before_the_optax_optimiser_resumes(tmp_path):
+    """A record with adam_b1/b2/eps and none of the optimiser keys reads as torch_adam with
+    those arguments: at torch_adam's defaults it is the current default config; another beta
+    is named as the optimizer_kwargs entry it now is."""
+    cfg = smoke.get_config()
+    reconcile_config(tmp_path, cfg, None)
+    record = json.loads((tmp_path / CONFIG_NAME).read_text())
+    for key in ("optimizer", "optimizer_kwargs", "schedule", "warmup_epochs"):
+        del record[key]
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({**record, "adam_b1": 0.9, "adam_b2": 0.999,
+                                                    "adam_eps": 1e-8}))
+    assert reconcile_config(tmp_path, cfg, 6) == []
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({**record, "adam_b1": 0.9, "adam_b2": 0.99,
+                                                    "adam_eps": 1e-8}))
+    with pytest.raises(WorkdirError) as e:
+        reconcile_config(tmp_path, cfg, 6)
+    assert "  optimizer_kwargs.b2: 0.99 -> '(absent)'" in str(e.value)
+    with cfg.unlocked():
+        cfg.optimizer_kwargs.b2 = 0.99
+    assert reconcile_config(tmp_path, cfg, 6) == []
 
 
 def test_fresh_start_overwrites_a_config_without_checkpoints(tmp_path):

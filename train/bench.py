@@ -33,29 +33,28 @@ def measure_train_step(phase: int = 2, batch: int = 6, size: int = 128, steps: i
     from smfnet_jax.model import create_model
     from smfnet_jax.runtime import describe_platform, device_peak_memory_mb
     from train.configs import msrs
-    from train.phases import PHASES
-    from train.step import (init_train_state, jit_train_step, learning_rates, resolve_microbatches,
-                            train_policy)
+    from train.optim import make_optimizer
+    from train.step import init_train_state, jit_train_step, resolve_microbatches, train_policy
     from train.trainer import _global_batch, _replicate, make_mesh
 
     cfg = msrs.get_config()
     cfg.compute_dtype, cfg.precision, cfg.conv_sums = dtype, precision, conv_sums
     cfg.microbatches = resolve_microbatches(microbatches, batch, train_policy(cfg).routines)
     mesh = make_mesh()
-    graphdef, state = init_train_state(create_model(0), cfg)
+    tx = make_optimizer(cfg, 1, phase)  # the epoch's length only moves the schedule's steps
+    graphdef, state = init_train_state(create_model(0), cfg, tx=tx)
     state = _replicate(state, mesh)
-    step_fn = jit_train_step(graphdef, phase, cfg, mesh)
+    step_fn = jit_train_step(graphdef, phase, cfg, mesh, tx=tx)
     vi, ir = _global_batch(_synthetic_batch(batch, size), mesh)
-    lrs = {k: np.float32(v) for k, v in learning_rates(PHASES[phase].first_epoch(cfg), cfg).items()}
 
     t0 = time.perf_counter()
-    state, metrics = step_fn(state, vi, ir, lrs)
+    state, metrics = step_fn(state, vi, ir)
     jax.block_until_ready(metrics)
     first = time.perf_counter() - t0
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        state, metrics = step_fn(state, vi, ir, lrs)
+        state, metrics = step_fn(state, vi, ir)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t0)
     sec = float(np.median(times))

@@ -5,7 +5,9 @@
   python -m train.main --config msrs.py --workdir runs/msrs --config.data.h5=data/msrs_train.h5
 
 --config takes a config file; a bare name (msrs.py, smoke.py) is looked up in train/configs/.
-Any field can be overridden with --config.FIELD=VALUE (e.g. --config.batch_size=12).
+Any field can be overridden with --config.FIELD=VALUE (e.g. --config.batch_size=12), and the
+optimiser's arguments given by any name: --config.optimizer=adamw
+--config.optimizer_kwargs.weight_decay=0.05 (docs/training.md, "Another optimiser").
 A workdir that already holds checkpoints is resumed from its latest step. The workdir records
 its config (config.json) and a resume with a different one is refused, except for the keys
 that only say how long to train and how often to log/save (num_epochs, max_steps, cadences,
@@ -78,12 +80,12 @@ def config_file_problem(argv: list[str]) -> str | None:
     return None
 
 
-def _define_flags():
+def _define_flags(argv: list[str]):
     from absl import flags
     from ml_collections import config_flags
-    config_flags.DEFINE_config_file(
+    config_flags.DEFINE_config_file(  # its overrides from `argv`, not sys.argv (pop_optimizer_kwargs)
         "config", None, "training config file (bare names are looked up in train/configs/)",
-        lock_config=True)
+        lock_config=True, sys_argv=argv)
     flags.DEFINE_string("workdir", None, "where checkpoints, metrics.jsonl, TensorBoard events "
                         "and sample images go; resumed if it holds checkpoints")
     flags.DEFINE_bool("allow_config_change", False, "resume even though the config differs from "
@@ -123,6 +125,42 @@ def unknown_overrides(argv: list[str]) -> list[str]:
             if key not in known and key not in prefixes:
                 out.append(unknown_key_message(key, sorted(known)) + f" (in {arg})")
     return out
+
+
+KWARGS_PREFIX = "--config.optimizer_kwargs."
+
+
+def pop_optimizer_kwargs(argv: list[str]) -> tuple[list[str], dict]:
+    """(`argv` without its --config.optimizer_kwargs.NAME=VALUE (or NAME VALUE) words, {NAME:
+    VALUE}): config_flags overrides only the keys a config already has, and an optimiser's
+    arguments are whatever it takes. A VALUE is read as a Python literal, else kept as text."""
+    import ast
+    rest, kwargs, i = [], {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith(KWARGS_PREFIX):
+            name, eq, value = arg[len(KWARGS_PREFIX):].partition("=")
+            if not eq:  # NAME VALUE, or a bare NAME: True, as absl's boolean flags
+                nxt = argv[i + 1] if i + 1 < len(argv) else "--"
+                i, value = (i + 1, nxt) if not nxt.startswith("--") else (i, "True")
+            try:
+                kwargs[name] = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                kwargs[name] = value
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, kwargs
+
+
+def with_optimizer_kwargs(cfg, kwargs: dict):
+    """`cfg` with `kwargs` added to (or replacing those of) cfg.optimizer_kwargs."""
+    if kwargs:
+        import ml_collections
+        with cfg.unlocked():
+            cfg.optimizer_kwargs = ml_collections.ConfigDict(
+                {**dict(cfg.get("optimizer_kwargs") or {}), **kwargs})
+    return cfg
 
 
 def run(cfg, workdir: str, allow_config_change: bool = False) -> int:
@@ -179,12 +217,13 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    argv, optimizer_kwargs = pop_optimizer_kwargs(argv)
     unknown = unknown_overrides(argv[1:])
     if unknown:
         for line in unknown:
             print(f"error: {line}", file=sys.stderr)
         return 2
-    flags = _define_flags()
+    flags = _define_flags(argv)
     wants_help = any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv[1:])
     if wants_help:
         print(__doc__)
@@ -197,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
             logging.set_verbosity(logging.WARNING)
         from smfnet_jax.runtime import enable_compilation_cache
         enable_compilation_cache()  # a rerun (or resume) skips the minute-long compiles
-        result["rc"] = run(flags.config, flags.workdir, flags.allow_config_change)
+        cfg = with_optimizer_kwargs(flags.config, optimizer_kwargs)
+        result["rc"] = run(cfg, flags.workdir, flags.allow_config_change)
 
     try:
         app.run(_main, argv=argv)

@@ -362,7 +362,8 @@ def plan(target: Target, *, batch: int | None = None, size: int = 128, precision
     from smfnet_jax.model import create_model
     from smfnet_jax.policy import resolve
     from train.configs import msrs
-    from train.step import init_train_state, jit_train_step, learning_rates
+    from train.optim import make_optimizer
+    from train.step import init_train_state, jit_train_step
 
     devices = target_devices(target)
     chips = len(devices)
@@ -409,18 +410,20 @@ def plan(target: Target, *, batch: int | None = None, size: int = 128, precision
                             if r["compiled"] else f"not compiled: {r['error']}"))
         return r
 
-    graphdef, state = init_train_state(model, cfg, policy)
+    # the epoch's length only moves the schedule's steps: any gives the same program's size
+    optimizers = {phase: make_optimizer(cfg, 1, phase) for phase in (1, 2)}
+    graphdef, state = init_train_state(model, cfg, policy, tx=optimizers[1])
     state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
     state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))  # whole on each chip
-    lrs = {k: jax.ShapeDtypeStruct((), jnp.float32) for k in learning_rates(0, cfg)}
     for what in TRAIN_ROWS:
         if what not in rows:
             continue
-        step = jit_train_step(graphdef, int(what[-1]), cfg, mesh)
+        phase = int(what[-1])
+        step = jit_train_step(graphdef, phase, cfg, mesh, tx=optimizers[phase])
 
         def lower(gb, step=step):
             img = jax.ShapeDtypeStruct((gb, size, size, 1), jnp.float32)
-            return lambda: step.lower(state, img, img, lrs)
+            return lambda: step.lower(state, img, img)
 
         first = compiled_row(what, lower(global_batch), global_batch)
         doc["rows"].append(first)

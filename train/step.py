@@ -1,23 +1,21 @@
-"""The jitted train step, the optimiser and the learning-rate schedule of the reference.
+"""The jitted train step: the reference's objective, and an optax optimiser (train/optim.py).
 
 The train state is a plain pytree of dicts so that it shards, donates and checkpoints
 without ceremony:
 
-    {"params": {sub: ...}, "batch_stats": {sub: ...}, "opt": {sub: AdamState}}
+    {"params": {sub: ...}, "batch_stats": {sub: ...}, "opt": optax state over params}
 
-One Adam per sub-model (encoder, decoder, graph, base_fuse, detail_fuse), each with its own
-global-norm clipping, exactly as the reference's five optimisers. Adam is torch.optim.Adam's
-own arithmetic, step count per parameter included (`adam_update`): a parameter that a phase
-never uses gets no gradient in PyTorch (None), and Adam skips it, so it neither moves nor
-counts the step. Phase I uses neither fusion layer nor the graph's fused head
-(`PHASES[1].unused`, train/phases.py), whose first real step is then Adam's step 1 in
-phase II.
+The optimiser is a `GradientTransformation` over the whole parameter tree, one per phase
+(`train.optim.make_optimizer`, every phase's with the same state): by default the
+reference's five Adams, one per sub-model (encoder, decoder, graph, base_fuse, detail_fuse),
+each with its own global-norm clipping and StepLR schedule, in torch.optim.Adam's own
+arithmetic. What a phase does not train (`PHASES[n].unused`, train/phases.py) neither moves
+nor counts a step, as in PyTorch, where it has no gradient and Adam skips it.
 """
 from __future__ import annotations
 
 import functools
-import math
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -25,82 +23,12 @@ import optax
 from flax import nnx
 
 from smfnet_jax.layers import cast_floats
-from smfnet_jax.model import SUBMODELS, SMFNet
+from smfnet_jax.model import SMFNet
 from smfnet_jax.policy import ComputePolicy, resolve, set_policy
 from train.configs.validate import microbatches_divide
 from train.microbatch import make_microbatched_value_and_grad
-from train.phases import FUSION_SUBMODELS, PHASES
-
-def learning_rates(epoch: int, cfg) -> dict[str, float]:
-    """StepLR(step, gamma) per epoch, floored at lr_min, as the reference's schedulers.
-
-    The fusion layers' schedulers step only in phase II, so their decay counts phase-II
-    epochs: at epoch 40 they start at lr while the others are at lr * gamma**2.
-    """
-    def step_lr(n_epochs: int) -> float:
-        return max(cfg.lr_min, cfg.lr * cfg.lr_gamma ** (n_epochs // cfg.lr_step_epochs))
-
-    fusion_epochs = max(0, epoch - cfg.phase1_epochs)
-    return {sub: step_lr(fusion_epochs if sub in FUSION_SUBMODELS else epoch) for sub in SUBMODELS}
-
-
-def trained_mask(phase: int, sub: str, params) -> dict:
-    """A tree like `params` (one sub-model's) of Python bools: True where the phase trains it."""
-    prefixes = [p for s, p in PHASES[phase].unused if s == sub]
-    def trained(path, _):
-        keys = tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
-        return not any(keys[:len(p)] == p for p in prefixes)
-    return jax.tree_util.tree_map_with_path(trained, params)
-
-
-class AdamState(NamedTuple):
-    """torch.optim.Adam's per-parameter state: step count, exp_avg, exp_avg_sq."""
-    step: dict
-    exp_avg: dict
-    exp_avg_sq: dict
-
-
-def adam_init(params) -> AdamState:
-    zeros = functools.partial(jax.tree.map, jnp.zeros_like)
-    return AdamState(jax.tree.map(lambda p: jnp.zeros((), jnp.int32), params), zeros(params), zeros(params))
-
-
-def adam_update(grads, state: AdamState, params, lr, mask, cfg):
-    """One torch.optim.Adam step (weight_decay 0), in its order of operations:
-
-        exp_avg.lerp_(g, 1 - b1); exp_avg_sq.mul_(b2).addcmul_(g, g, value=1 - b2)
-        denom = exp_avg_sq.sqrt() / sqrt(1 - b2**t) + eps; p.addcdiv_(exp_avg, denom, value=-lr / (1 - b1**t))
-
-    with t the parameter's own step count. Leaves where `mask` is False are left as they
-    are (PyTorch skips a parameter without gradient). The bias corrections 1 - b**t are
-    -expm1(t log b): in float32, 1 - 0.999**t loses ~1e-5 to cancellation at small t, which
-    would scale every update by the same wrong factor. Returns (params, state).
-    """
-    b1, b2, eps = cfg.adam_b1, cfg.adam_b2, cfg.adam_eps
-    log_b1, log_b2 = math.log(b1), math.log(b2)
-
-    def leaf(on, g, p, t, m, v):
-        if not on:
-            return p, t, m, v
-        t = t + 1
-        m = m + (1 - b1) * (g - m)
-        v = v * b2 + (1 - b2) * (g * g)
-        tf = t.astype(jnp.float32)
-        step_size = lr / -jnp.expm1(tf * log_b1)
-        denom = jnp.sqrt(v) / jnp.sqrt(-jnp.expm1(tf * log_b2)) + eps
-        return p - step_size * (m / denom), t, m, v
-
-    out = jax.tree.map(leaf, mask, grads, params, state.step, state.exp_avg, state.exp_avg_sq)
-    params, step, exp_avg, exp_avg_sq = jax.tree.transpose(
-        jax.tree.structure(params), jax.tree.structure((0, 0, 0, 0)), out)
-    return params, AdamState(step, exp_avg, exp_avg_sq)
-
-
-def clip_grad_norm(grads, max_norm: float):
-    """torch.nn.utils.clip_grad_norm_: scale by min(1, max_norm / (norm + 1e-6))."""
-    norm = optax.global_norm(grads)
-    coef = jnp.minimum(1.0, max_norm / (norm + 1e-6))
-    return jax.tree.map(lambda g: g * coef, grads), norm
+from train.optim import learning_rate
+from train.phases import PHASES
 
 
 def split_model(model: SMFNet):
@@ -115,13 +43,14 @@ def train_policy(cfg) -> ComputePolicy:
                    conv_sums=cfg.conv_sums)
 
 
-def init_train_state(model: SMFNet, cfg, policy: ComputePolicy | None = None) -> tuple[nnx.GraphDef, dict]:
+def init_train_state(model: SMFNet, cfg, policy: ComputePolicy | None = None, *,
+                     tx: optax.GradientTransformation) -> tuple[nnx.GraphDef, dict]:
     """(graphdef, state) of `model` with `policy` set on it (default the config's,
-    `train_policy`): the policy is static in the graphdef, so every step built from it
-    computes with it (pass another to compile for a target machine)."""
+    `train_policy`) and the optimiser `tx`'s initial state (any phase's: they share it).
+    The policy is static in the graphdef, so every step built from it computes with it
+    (pass another to compile for a target machine)."""
     graphdef, params, stats = split_model(set_policy(model, policy or train_policy(cfg)))
-    opt = {sub: adam_init(params[sub]) for sub in SUBMODELS}
-    return graphdef, {"params": params, "batch_stats": stats, "opt": opt}
+    return graphdef, {"params": params, "batch_stats": stats, "opt": tx.init(params)}
 
 
 def policy_of(graphdef, state: dict) -> ComputePolicy:
@@ -194,38 +123,41 @@ def make_value_and_grad(graphdef, phase: int, cfg, devices: int | None = None) -
     return value_and_grad
 
 
-def make_train_step(graphdef, phase: int, cfg, devices: int | None = None) -> Callable:
-    """(state, vi, ir, lrs) -> (state, metrics). Pure; jit it with shardings and donation
-    (`devices`: what the batch is split over; see `resolve_microbatches`)."""
+def make_train_step(graphdef, phase: int, cfg, devices: int | None = None, *,
+                    tx: optax.GradientTransformation) -> Callable:
+    """(state, vi, ir) -> (state, metrics): one step of `phase` with the optimiser `tx` (that
+    phase's, `train.optim.make_optimizer`). Pure; jit it with shardings and donation
+    (`devices`: what the batch is split over; see `resolve_microbatches`). Metrics per
+    sub-model the phase trains: the gradient's norm before clipping, the parameters' norm
+    after the step, and the learning rate of the step (from the optimiser state)."""
     value_and_grad = make_value_and_grad(graphdef, phase, cfg, devices)
     updated = PHASES[phase].submodels
 
-    def train_step(state, vi, ir, lrs):
+    def train_step(state, vi, ir):
         (loss, (terms, new_stats)), grads = value_and_grad(
             state["params"], state["batch_stats"], vi, ir)
-        params, opt = dict(state["params"]), dict(state["opt"])
+        updates, opt = tx.update(grads, state["opt"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
         metrics = {"loss": loss, **terms}
         for sub in updated:
-            g, norm = clip_grad_norm(grads[sub], cfg.clip_norm)
-            params[sub], opt[sub] = adam_update(g, opt[sub], params[sub], lrs[sub],
-                                                trained_mask(phase, sub, params[sub]), cfg)
-            metrics[f"grad_norm/{sub}"] = norm
+            metrics[f"grad_norm/{sub}"] = optax.global_norm(grads[sub])
             metrics[f"param_norm/{sub}"] = optax.global_norm(params[sub])
-            metrics[f"lr/{sub}"] = lrs[sub]
+            metrics[f"lr/{sub}"] = learning_rate(opt, sub)
         return {"params": params, "batch_stats": new_stats, "opt": opt}, metrics
 
     return train_step
 
 
-def jit_train_step(graphdef, phase: int, cfg, mesh: jax.sharding.Mesh | None = None) -> Callable:
+def jit_train_step(graphdef, phase: int, cfg, mesh: jax.sharding.Mesh | None = None, *,
+                   tx: optax.GradientTransformation) -> Callable:
     """The step jitted with the state replicated, the batch split over the mesh's 'data'
     axis, and the state's buffers donated. The mesh may be another machine's (train.plan
     compiles for TPU and GPU meshes from `jax.experimental.topologies`)."""
-    step = make_train_step(graphdef, phase, cfg, None if mesh is None else mesh.size)
+    step = make_train_step(graphdef, phase, cfg, None if mesh is None else mesh.size, tx=tx)
     if mesh is None:
         return jax.jit(step, donate_argnums=(0,))
     P = jax.sharding.PartitionSpec
     replicated = jax.sharding.NamedSharding(mesh, P())
     batch = jax.sharding.NamedSharding(mesh, P("data"))
-    return jax.jit(step, in_shardings=(replicated, batch, batch, replicated),
+    return jax.jit(step, in_shardings=(replicated, batch, batch),
                    out_shardings=(replicated, replicated), donate_argnums=(0,))

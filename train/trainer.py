@@ -16,7 +16,6 @@ import threading
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from flax import nnx
@@ -26,6 +25,7 @@ from smfnet_jax.checkpoint import error_head, model_state, quiet_orbax_failures,
 from smfnet_jax.model import create_model
 from smfnet_jax.runtime import describe_device
 from train import step as train_step_lib
+from train.optim import from_adam_state_tree, is_adam_state_tree, make_optimizer
 
 
 class TrainingError(RuntimeError):
@@ -254,9 +254,11 @@ class Trainer:
             self.total_steps = min(self.total_steps, cfg.max_steps)
 
         model = self._initial_model()
-        self.graphdef, state = train_step_lib.init_train_state(model, cfg)
+        self.optimizers = {phase: make_optimizer(cfg, self.steps_per_epoch, phase) for phase in (1, 2)}
+        self.graphdef, state = train_step_lib.init_train_state(model, cfg, tx=self.optimizers[1])
         self.state = _replicate(state, self.mesh)
-        self.steps = {phase: train_step_lib.jit_train_step(self.graphdef, phase, cfg, self.mesh)
+        self.steps = {phase: train_step_lib.jit_train_step(self.graphdef, phase, cfg, self.mesh,
+                                                           tx=self.optimizers[phase])
                       for phase in (1, 2)}
         self.data_iter = self._make_iterator()
         self._fuse_sample = nnx.jit(lambda m, vi, ir: m.fuse(vi, ir))
@@ -330,18 +332,23 @@ class Trainer:
         directory = self.workdir / CHECKPOINT_SUBDIR
         failed = []  # (step, error) of the newer steps that did not restore
         for step in sorted(self.ckpt.all_steps(), reverse=True):
+            args, old_opt = self._ckpt_args(save=False), self._adam_state_tree(step)
+            if old_opt:  # written before the optimiser was optax: restored as it is, then converted
+                import orbax.checkpoint as ocp
+                args = ocp.args.Composite(**{**{k: args[k] for k in args.keys()}, "opt": old_opt})
             try:
-                restored = self.ckpt.restore(step, args=self._ckpt_args(save=False))
+                restored = self.ckpt.restore(step, args=args)
             except RESTORE_ERRORS as e:
                 failed.append((step, e))
                 continue
             if failed:
                 self._set_aside(failed)
-            model = self._model(jax.device_get(self.state))
+            host = jax.device_get(self.state)
+            model = self._model(host)
             set_model_state(model, restored["model"])
             _, params, stats = train_step_lib.split_model(model)
-            self.state = _replicate({"params": params, "batch_stats": stats, "opt": restored["opt"]},
-                                    self.mesh)
+            opt = from_adam_state_tree(restored["opt"], host["opt"]) if old_opt else restored["opt"]
+            self.state = _replicate({"params": params, "batch_stats": stats, "opt": opt}, self.mesh)
             if self.is_main:
                 newest = " (the newest intact step)" if failed else ""
                 print(f"resumed from {directory} step {step}{newest}", file=sys.stderr)
@@ -377,6 +384,24 @@ class Trainer:
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices("smfnet_set_aside_damaged_steps")
         self.ckpt.reload()
+
+    def _adam_state_tree(self, step: int):
+        """The restore args of a checkpoint's "opt" item in the layout written before the
+        optimiser was optax ({sub-model: {step, exp_avg, exp_avg_sq}}), or None."""
+        import orbax.checkpoint as ocp
+        from etils import epath
+        try:
+            meta = ocp.StandardCheckpointHandler().metadata(
+                epath.Path(self.workdir / CHECKPOINT_SUBDIR / str(step) / "opt"))
+        except Exception:  # noqa: BLE001 - not readable here: the restore itself says why
+            return None
+        if not is_adam_state_tree(getattr(meta, "tree", meta)):
+            return None
+        params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.state["params"])
+        count = jax.ShapeDtypeStruct((), np.int32)
+        return ocp.args.StandardRestore({sub: {"step": jax.tree.map(lambda _: count, p),
+                                               "exp_avg": p, "exp_avg_sq": p}
+                                         for sub, p in params.items()})
 
     # ------------------------------------------------------------------ running
     def describe(self) -> str:
@@ -490,9 +515,8 @@ class Trainer:
             for step in range(self.start_step, self.total_steps):
                 epoch = step // self.steps_per_epoch
                 phase = self.phase_of(step)
-                lrs = {k: jnp.float32(v) for k, v in train_step_lib.learning_rates(epoch, cfg).items()}
                 vi, ir = _global_batch(next(self.data_iter), self.mesh)
-                self.state, metrics = self.steps[phase](self.state, vi, ir, lrs)
+                self.state, metrics = self.steps[phase](self.state, vi, ir)
                 done = step + 1
                 if preemption:
                     if signals.received is not None and not notice_sent:

@@ -39,6 +39,32 @@ RESUMABLE_KEYS = frozenset({
 })
 
 
+# A config recorded before the optimiser was optax had torch's Adam's betas as adam_b1/b2/eps
+# (now torch_adam's arguments, optimizer_kwargs) and none of the keys added with it; read as
+# the config that trains the same way.
+RENAMED_KEYS = {"adam_b1": "b1", "adam_b2": "b2", "adam_eps": "eps"}
+ADDED_KEYS = {"optimizer": "torch_adam", "schedule": "step", "warmup_epochs": 0.0}
+
+
+def upgrade_record(record: dict) -> dict:
+    """A recorded config in the current keys (`RENAMED_KEYS`, `ADDED_KEYS`): an Adam setting
+    at torch_adam's default is dropped, another becomes its optimizer_kwargs entry."""
+    if not any(k in record for k in RENAMED_KEYS):
+        return record
+    import inspect
+    from train.optim import torch_adam
+    defaults = {n: p.default for n, p in inspect.signature(torch_adam).parameters.items()}
+    out = {k: v for k, v in record.items() if k not in RENAMED_KEYS}
+    kwargs = dict(out.get("optimizer_kwargs") or {})
+    for old, name in RENAMED_KEYS.items():
+        if old in record and record[old] != defaults[name]:
+            kwargs[name] = record[old]
+    out["optimizer_kwargs"] = kwargs
+    for key, value in ADDED_KEYS.items():
+        out.setdefault(key, value)
+    return out
+
+
 class WorkdirError(RuntimeError):
     """The workdir cannot be used as asked (locked, or recorded with another config)."""
 
@@ -229,7 +255,7 @@ def compare_config(workdir: str | os.PathLike, cfg, latest_step: int | None,
     except (OSError, ValueError) as e:
         raise WorkdirError(f"{path}: unreadable recorded config ({e}); fix or delete it to "
                            "record the current one") from None
-    diffs = config_differences(old, new)
+    diffs = config_differences(upgrade_record(old), new)
     lines = [f"{k}: {o!r} -> {n!r}" for k, o, n in diffs]
     refused = [line for (k, _, _), line in zip(diffs, lines) if k not in RESUMABLE_KEYS]
     if refused and not allow_change:
@@ -278,4 +304,4 @@ def truncate_metrics(path: str | os.PathLike, step: int) -> int:
 __all__ = ["WorkdirLock", "WorkdirError", "reconcile_config", "compare_config", "ConfigChange",
            "unusable_workdir", "config_differences",
            "config_record", "truncate_metrics", "RESUMABLE_KEYS", "LOCK_NAME", "CONFIG_NAME",
-           "CONFIG_HISTORY", "METRICS_NAME"]
+           "CONFIG_HISTORY", "METRICS_NAME", "upgrade_record"]

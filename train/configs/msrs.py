@@ -27,13 +27,19 @@ def get_config() -> ml_collections.ConfigDict:
     c.steps_per_epoch = -1         # -1: len(data) // batch_size; >0 caps an epoch (smoke runs)
     c.max_steps = -1               # -1: run all epochs
 
-    c.lr = 1e-4                    # Adam, one per sub-model
-    c.lr_step_epochs = 20          # StepLR step size
-    c.lr_gamma = 0.5
-    c.lr_min = 1e-6
-    c.adam_b1 = 0.9
-    c.adam_b2 = 0.999
-    c.adam_eps = 1e-8
+    c.optimizer = "torch_adam"     # one per sub-model: torch.optim.Adam as the reference
+                                   # (train/optim.py), or an optax optimiser by name ("adamw",
+                                   # "lion", "contrib.muon"); only torch_adam reproduces it
+    c.optimizer_kwargs = ml_collections.ConfigDict()  # its arguments besides the rate
+                                   # (--config.optimizer_kwargs.weight_decay=0.05); empty: its
+                                   # defaults (torch_adam's are the reference's b1, b2, eps)
+    c.lr = 1e-4                    # learning rate (the peak of cosine)
+    c.schedule = "step"            # per sub-model: "step" (StepLR per epoch, the reference),
+                                   # "cosine" (warm-up, then cosine to lr_min), "constant"
+    c.lr_step_epochs = 20          # step: StepLR step size
+    c.lr_gamma = 0.5               # step: the decay
+    c.lr_min = 1e-6                # step: the floor; cosine: the last rate
+    c.warmup_epochs = 0.0          # cosine: linear warm-up from 0 (may be a fraction)
     c.clip_norm = 0.01             # global-norm clipping per sub-model (torch clip_grad_norm_)
 
     c.decomp_grad = False          # True: correlation (decomposition) terms carry gradients,

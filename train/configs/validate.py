@@ -62,6 +62,10 @@ def unknown_key_message(key: str, known: list[str] | None = None) -> str:
     return f"{key}: unknown config key" + (f" (did you mean {', '.join(close)}?)" if close else "")
 
 
+# Keyword arguments of the optimiser: any name it takes, checked against its signature.
+FREE_FORM = "optimizer_kwargs"
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -84,7 +88,7 @@ def _rules() -> Iterator[tuple[str, Callable[[Any], bool], str]]:
     positive = (lambda v: _is_number(v) and v > 0, "a finite number > 0")
     boolean = (lambda v: isinstance(v, bool), "True or False")
     string = (lambda v: isinstance(v, str), "a string")
-    unit_open = (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)")
+    from train.optim import SCHEDULES
     table = {
         "seed": (lambda v: _is_int(v) and 0 <= v <= MAX_SEED, f"an integer in [0, {MAX_SEED}]"),
         "data.h5": string,
@@ -103,9 +107,9 @@ def _rules() -> Iterator[tuple[str, Callable[[Any], bool], str]]:
         "lr_step_epochs": pos_int,
         "lr_gamma": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
         "lr_min": (lambda v: _is_number(v) and v >= 0, "a finite number >= 0"),
-        "adam_b1": unit_open,
-        "adam_b2": unit_open,
-        "adam_eps": positive,
+        "optimizer": string,
+        "schedule": (lambda v: v in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
+        "warmup_epochs": (lambda v: _is_number(v) and v >= 0, "a finite number >= 0"),
         "clip_norm": positive,
         "decomp_grad": boolean,
         "compute_dtype": (lambda v: v in COMPUTE_DTYPES, f"one of {', '.join(COMPUTE_DTYPES)}"),
@@ -130,9 +134,11 @@ def _rules() -> Iterator[tuple[str, Callable[[Any], bool], str]]:
 
 def config_problems(cfg) -> list[str]:
     """One line per problem of `cfg` (empty: valid). Reads no data and compiles nothing."""
-    flat = flatten(as_dict(cfg))
+    tree = as_dict(cfg)
+    flat = flatten(tree)
     known = known_keys()
-    problems = [unknown_key_message(k, known) for k in sorted(set(flat) - set(known))]
+    problems = [unknown_key_message(k, known) for k in sorted(set(flat) - set(known))
+                if k != FREE_FORM and not k.startswith(FREE_FORM + ".")]
     bad = set()
     for key, ok, what in _rules():
         if key not in flat:
@@ -150,6 +156,18 @@ def config_problems(cfg) -> list[str]:
         problems.append(f"phase1_epochs={g('phase1_epochs')}: must be <= num_epochs={g('num_epochs')}")
     if good("lr", "lr_min") and g("lr_min") > g("lr"):
         problems.append(f"lr_min={g('lr_min')!r}: the floor must be <= lr={g('lr')!r}")
+    if good("optimizer"):
+        from train.optim import optimizer_argument_problems, optimizer_factory
+        kwargs = tree.get(FREE_FORM, {})
+        try:
+            optimizer_factory(g("optimizer"))
+            problems.extend(optimizer_argument_problems(g("optimizer"), kwargs)
+                            if isinstance(kwargs, dict) else [f"{FREE_FORM}: must be a ConfigDict"])
+        except ValueError as e:
+            problems.append(str(e))
+    if good("warmup_epochs", "schedule") and g("warmup_epochs") > 0 and g("schedule") != "cosine":
+        problems.append(f"warmup_epochs={g('warmup_epochs')!r}: only schedule='cosine' warms up "
+                        f"(schedule={g('schedule')!r})")
     if good("microbatches", "batch_size") and not microbatches_divide(g("microbatches"), g("batch_size")):
         problems.append(f"microbatches={g('microbatches')}: must be 0 (auto) or divide "
                         f"batch_size={g('batch_size')}")
