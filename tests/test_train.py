@@ -289,11 +289,13 @@ def test_clip_grad_norm_is_torch_formula():
 
 
 # --------------------------------------------------------------------------- tiny training runs
-def tiny_overrides(h5: Path) -> list[str]:
+def tiny_overrides(h5: Path, eval_every_epochs: int = 0) -> list[str]:
+    """eval_every_epochs: 0 (no evaluation, which smoke.py does at epoch 4) unless asked."""
     return [f"--config.data.h5={h5}", "--config.batch_size=2", "--config.steps_per_epoch=2",
             "--config.num_epochs=2", "--config.phase1_epochs=1", "--config.checkpoint_every_steps=2",
             "--config.log_every_steps=1", "--config.sample_every_epochs=1", "--config.progress=False",
-            "--config.lr=1e-3", "--config.data.crop_size=0"]
+            "--config.lr=1e-3", "--config.data.crop_size=0",
+            f"--config.eval_every_epochs={eval_every_epochs}"]
 
 
 @pytest.fixture(scope="session")
@@ -511,11 +513,10 @@ def test_two_processes_train_like_one(full_run, tiny_h5, tmp_path):
     try:
         for pid in range(2):
             cmd = [sys.executable, "-m", "train.main", "--config", "smoke.py", "--workdir", str(workdir),
-                   *tiny_overrides(tiny_h5),
                    # process 0 evaluates (phase I after step 2, phase II after 4); process 1 waits
+                   *tiny_overrides(tiny_h5, eval_every_epochs=1),
                    f"--config.eval.ir={REPO / 'samples' / 'TNO' / 'ir'}",
-                   f"--config.eval.vi={REPO / 'samples' / 'TNO' / 'vi'}",
-                   "--config.eval_every_epochs=1", "--config.eval.max_pairs=1",
+                   f"--config.eval.vi={REPO / 'samples' / 'TNO' / 'vi'}", "--config.eval.max_pairs=1",
                    f"--config.distributed.coordinator_address=127.0.0.1:{port}",
                    "--config.distributed.num_processes=2", f"--config.distributed.process_id={pid}"]
             procs.append(subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -581,9 +582,9 @@ def test_a_run_shows_throughput_fusion_quality_images_and_a_profile(tiny_h5, tmp
         (pairs / modality).mkdir(parents=True)
         shutil.copy(REPO / "samples" / "TNO" / modality / "07.png", pairs / modality / "07.png")
     workdir = tmp_path / "watched"
-    r = run_train(workdir, tiny_overrides(tiny_h5) + [
+    r = run_train(workdir, tiny_overrides(tiny_h5, eval_every_epochs=1) + [
         f"--config.eval.ir={pairs / 'ir'}", f"--config.eval.vi={pairs / 'vi'}",
-        "--config.eval_every_epochs=1", "--config.profile_steps=2:3"])
+        "--config.profile_steps=2:3"])
     assert r.returncode == 0, r.stderr[-3000:]
     first = next(line for line in r.stderr.splitlines() if line.startswith("device "))
     assert "mfu: null (no published peak for 'cpu'" in first, first
