@@ -744,20 +744,22 @@ class Profile:
         if self.steps and not self.active and self.steps[0] <= step <= self.steps[1]:
             self.directory.mkdir(parents=True, exist_ok=True)
             jax.profiler.start_trace(str(self.directory))
-            self.first, self.active = step, True
+            self.first, self.last, self.active = step, step, True
 
     def after(self, step: int, outputs) -> None:
-        if self.active and step >= self.steps[1]:
-            jax.block_until_ready(outputs)  # the trace holds the last step's device work
-            self.stop(step)
+        if self.active:
+            self.last = step
+            if step >= self.steps[1]:
+                jax.block_until_ready(outputs)  # the trace holds the last step's device work
+                self.stop()
 
-    def stop(self, step: int | None = None) -> None:
+    def stop(self) -> None:
+        """End the trace (at step B, or where the run stopped before it) and say where it is."""
         if not self.active:
             return
         self.active = False
         jax.profiler.stop_trace()
-        last = "" if step is None else f"..{step}"
-        print(f"profile of steps {self.first}{last} in {self.directory} (tensorboard --logdir "
+        print(f"profile of steps {self.first}..{self.last} in {self.directory} (tensorboard --logdir "
               f"{self.directory}, or ui.perfetto.dev with its .trace.json.gz)", file=sys.stderr)
 
 
