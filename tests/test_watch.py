@@ -66,3 +66,19 @@ def test_profile_and_eval_settings_are_checked():
     cfg = smoke.get_config()
     cfg.eval.ir = "/no/such/folder"
     assert config_problems(cfg) == ["eval.ir='/no/such/folder': no such folder"]
+
+
+def test_profile_traces_the_asked_steps_on_process_0(tmp_path, capsys):
+    import jax.numpy as jnp
+    from train.trainer import Profile
+    cfg = smoke.get_config()
+    cfg.profile_steps = "2:3"
+    assert Profile(cfg, tmp_path / "other", is_main=False).steps is None  # process 0 only, by default
+    profile = Profile(cfg, tmp_path, is_main=True)
+    for step in range(1, 5):
+        profile.before(step)
+        profile.after(step, jnp.ones(4) * step)
+        assert profile.active == (step == 2)
+    profile.stop()  # nothing left to stop
+    assert list((tmp_path / "profile").rglob("*.xplane.pb"))
+    assert capsys.readouterr().err.startswith(f"profile of steps 2..3 in {tmp_path / 'profile'} ")
