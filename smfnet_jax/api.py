@@ -67,6 +67,17 @@ class Fuser:
         self._fuse_fn = fuse
         self._fuse = jax.jit(fuse)
 
+    def replace_model(self, model: SMFNet) -> None:
+        """Fuse with `model`'s weights from now on. It must have the structure of the model
+        this fuser was made from, so the compiled programs are reused; its arrays are used as
+        they are, not copied (a trainer evaluating its current weights)."""
+        model = set_policy(nnx.clone(model), self.policy)
+        model.eval()
+        _, state = nnx.split(model)
+        if self.dtype != jnp.float32:
+            state = cast_floats(state, self.dtype)
+        self._state, self.model = state, model
+
     def lower(self, height: int, width: int, batch: int = 1, *, mesh: jax.sharding.Mesh | None = None):
         """The jitted fusion lowered for `batch` pairs of HxW (`.compile()` it; for benchmarks).
 

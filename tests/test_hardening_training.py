@@ -131,7 +131,7 @@ def test_no_intact_step_is_one_line_and_changes_nothing(two_steps, tmp_path, mon
     assert f"; step 1: {older}" in err[0] and "nothing was changed" in err[0], err
     assert _snapshot(workdir) == before  # config.json, config_history, metrics, both steps as they were
     assert sorted(p.name for p in workdir.iterdir()) == ["checkpoints", "config.json", "metrics.jsonl",
-                                                          "tensorboard"]
+                                                          "summary.json", "tensorboard"]
 
 
 # --------------------------------------------------------------------------- bad config values

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from smfnet_jax.metrics import METRIC_NAMES
 from train.configs import smoke
 
 REPO = Path(__file__).resolve().parents[1]
@@ -222,11 +223,13 @@ def test_microbatches_must_divide_the_per_device_batch(tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------- tiny training runs
-def tiny_overrides(h5: Path) -> list[str]:
+def tiny_overrides(h5: Path, eval_every_epochs: int = 0) -> list[str]:
+    """eval_every_epochs: 0 (no evaluation, which smoke.py does at epoch 4) unless asked."""
     return [f"--config.data.h5={h5}", "--config.batch_size=2", "--config.steps_per_epoch=2",
             "--config.num_epochs=2", "--config.phase1_epochs=1", "--config.checkpoint_every_steps=2",
             "--config.log_every_steps=1", "--config.sample_every_epochs=1", "--config.progress=False",
-            "--config.lr=1e-3", "--config.data.crop_size=0"]
+            "--config.lr=1e-3", "--config.data.crop_size=0",
+            f"--config.eval_every_epochs={eval_every_epochs}"]
 
 
 @pytest.fixture(scope="session")
@@ -281,7 +284,8 @@ def test_training_cli_writes_logs_checkpoints_samples(full_run, tmp_path):
     assert [r["phase"] for r in rows] == [1, 1, 2, 2]
     for r in rows:
         assert {"loss", "lr/encoder", "grad_norm/encoder", "grad_norm/graph", "param_norm/decoder"} <= set(r)
-        assert all(math.isfinite(v) for v in r.values())
+        assert all(math.isfinite(v) for v in r.values() if v is not None)
+        assert r["mfu"] is None  # CPU: no published peak (the run's first line says so)
     assert "ssim_loss_vi" in rows[0] and "fusion_intensity" in rows[2]
     assert "grad_norm/base_fuse" not in rows[0] and "grad_norm/base_fuse" in rows[2]
     assert sorted(p.name for p in (full_run / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
@@ -344,7 +348,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_h5, tmp_path)
 SHARDED_SCRIPT = textwrap.dedent("""
     import json, jax, numpy as np
     assert jax.device_count() == 4, jax.devices()
-    from train.configs import smoke
+    from smfnet_jax.metrics import METRIC_NAMES
+from train.configs import smoke
     from train.data import SyntheticPairs
     from train.optim import make_optimizer
     from train.step import init_train_state, jit_train_step
@@ -443,7 +448,10 @@ def test_two_processes_train_like_one(full_run, tiny_h5, tmp_path):
     try:
         for pid in range(2):
             cmd = [sys.executable, "-m", "train.main", "--config", "smoke.py", "--workdir", str(workdir),
-                   *tiny_overrides(tiny_h5),
+                   # process 0 evaluates (phase I after step 2, phase II after 4); process 1 waits
+                   *tiny_overrides(tiny_h5, eval_every_epochs=1),
+                   f"--config.eval.ir={REPO / 'samples' / 'TNO' / 'ir'}",
+                   f"--config.eval.vi={REPO / 'samples' / 'TNO' / 'vi'}", "--config.eval.max_pairs=1",
                    f"--config.distributed.coordinator_address=127.0.0.1:{port}",
                    "--config.distributed.num_processes=2", f"--config.distributed.process_id={pid}"]
             procs.append(subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -469,11 +477,83 @@ def test_two_processes_train_like_one(full_run, tiny_h5, tmp_path):
         a, b = single[key].astype(np.float64), multi[key].astype(np.float64)
         worst = max(worst, float(np.max(np.abs(a - b), initial=0.0) / max(1.0, float(np.max(np.abs(a), initial=0.0)))))
     assert worst <= 1e-5, worst
-    assert [r["loss"] for r in read_metrics(workdir)] == pytest.approx(
-        [r["loss"] for r in read_metrics(full_run)], rel=1e-5)
+    rows = read_metrics(workdir)
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in read_metrics(full_run)], rel=1e-5)
+    # evaluated once per evaluation step, by process 0, and both processes went on to the end
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [sorted(k for k in r if k.startswith("eval/")) for r in rows] == [
+        [], ["eval/psnr_ir", "eval/psnr_vi", "eval/ssim_ir", "eval/ssim_vi"], [],
+        ["eval/" + n for n in sorted(METRIC_NAMES)]]
     # the checkpoint the two processes wrote restores in this single process
     from smfnet_jax.checkpoint import load_checkpoint
     assert load_checkpoint(workdir).step == 4
+
+
+def tensorboard_tags(folder: Path) -> dict[str, set]:
+    """{"scalar": tags, "image": tags} of every TensorBoard event file under `folder`
+    (TFRecord framing read here: tensorboardX writes, but does not read)."""
+    import struct
+    from tensorboardX.proto import event_pb2
+    tags = {"scalar": set(), "image": set()}
+    for path in folder.rglob("events.out.tfevents.*"):
+        data, i = path.read_bytes(), 0
+        while i + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[i:i + 8])
+            event = event_pb2.Event.FromString(data[i + 12:i + 12 + length])
+            i += 12 + length + 4
+            for v in event.summary.value:
+                tags["image" if v.HasField("image") else "scalar"].add(v.tag)
+    return tags
+
+
+def test_a_run_shows_throughput_fusion_quality_images_and_a_profile(tiny_h5, tmp_path):
+    """Per logged step: step time, samples/s, data-wait share and an explicit null MFU (CPU,
+    named in the first line); after phase I the reconstructions' PSNR/SSIM, after phase II
+    eval/EN ... equal to infer.evaluate on infer.main's outputs of the final weights; image
+    summaries in TensorBoard; a jax.profiler trace of the asked steps."""
+    import shutil
+    pairs = tmp_path / "pairs"
+    for modality in ("ir", "vi"):
+        (pairs / modality).mkdir(parents=True)
+        shutil.copy(REPO / "samples" / "TNO" / modality / "07.png", pairs / modality / "07.png")
+    workdir = tmp_path / "watched"
+    r = run_train(workdir, tiny_overrides(tiny_h5, eval_every_epochs=1) + [
+        f"--config.eval.ir={pairs / 'ir'}", f"--config.eval.vi={pairs / 'vi'}",
+        "--config.profile_steps=2:3"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    first = next(line for line in r.stderr.splitlines() if line.startswith("device "))
+    assert "mfu: null (no published peak for 'cpu'" in first, first
+    rows = read_metrics(workdir)
+    assert [row["step"] for row in rows] == [1, 2, 3, 4]
+    for row in rows:
+        assert row["step_time_s"] > 0 and row["samples_per_s"] > 0 and row["samples_per_s_per_device"] > 0
+        assert 0 <= row["data_wait_share"] < 1 and 0 < row["goodput"] <= 1 and row["mfu"] is None
+    assert {"eval/psnr_vi", "eval/psnr_ir", "eval/ssim_vi", "eval/ssim_ir"} <= set(rows[1])
+    assert rows[1]["eval/psnr_vi"] > 0 and rows[1]["eval_share"] > 0
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["compile_s/phase1"] > 0 and summary["compile_s/phase2"] > 0
+    assert "throughput: 4 steps" in r.stderr
+    # the profile
+    assert list((workdir / "profile").rglob("*.xplane.pb")), r.stderr[-2000:]
+    assert f"profile of steps 2..3 in {workdir / 'profile'}" in r.stderr
+    # images in TensorBoard: the sample PNGs and the evaluation grids
+    tags = tensorboard_tags(workdir / "tensorboard")
+    assert {"samples", "eval/07"} <= tags["image"], tags["image"]
+    assert "eval/EN" in tags["scalar"] and "step_time_s" in tags["scalar"]
+    # eval/* == infer.evaluate on infer.main's fusion with the final checkpoint (step 4)
+    out = tmp_path / "fused"
+    env = {**os.environ, **TWO_DEVICES}
+    fused = subprocess.run([sys.executable, "-m", "infer.main", "--ckpt", str(workdir), "--ir", str(pairs / "ir"),
+                            "--vi", str(pairs / "vi"), "--out", str(out)], cwd=REPO, capture_output=True,
+                           text=True, timeout=600, env=env)
+    assert fused.returncode == 0, fused.stderr[-2000:]
+    scored = subprocess.run([sys.executable, "-m", "infer.evaluate", "--ir", str(pairs / "ir"), "--vi",
+                             str(pairs / "vi"), "--fused", str(out), "--json", str(tmp_path / "m.json")],
+                            cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    mean = json.loads((tmp_path / "m.json").read_text())["mean"]
+    for name, value in mean.items():
+        assert rows[3][f"eval/{name}"] == pytest.approx(value, rel=1e-6, abs=1e-12), name
 
 
 def test_open_data_crops_and_rejects_oversized_crops(tiny_h5):

@@ -5,6 +5,7 @@
   python -m train.bench --microbatches 1     # whole-batch gradient (the auto default on CPU
                                              # is one sample per micro-batch)
   python -m train.bench --compare-dtypes     # bfloat16 vs float32: loss terms, gradient norms
+  python -m train.bench --logging            # what logging one row costs (metrics.jsonl, TensorBoard)
 
 Each measurement runs in this process on synthetic data; peak memory is the process's
 peak resident set size (ru_maxrss), compilation included, and on GPU/TPU also the device's
@@ -107,6 +108,31 @@ def format_precision(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def logging_cost(rows: int = 500) -> dict:
+    """Seconds per logged row of what the trainer writes (a JSON line and TensorBoard scalars
+    of a phase-II row: 35 values), without and with the throughput figures (`RunClock`)."""
+    import tempfile
+    from pathlib import Path
+    from train.trainer import MetricsLogger, RunClock
+    row = {f"value_{i}": 1.0 + i for i in range(32)} | {"epoch": 3, "phase": 2}
+    out = {}
+    with tempfile.TemporaryDirectory() as d:
+        for name, figures in (("without_s", False), ("with_s", True)):
+            logger, clock = MetricsLogger(Path(d) / name, enabled=True), RunClock(6, 1, 1e12)
+            t0 = time.perf_counter()
+            for i in range(rows):
+                values = dict(row, step=i + 1)
+                if figures:
+                    with clock.timing("data"):
+                        pass
+                    clock.steps += 1
+                    values.update(clock.window(1e9))
+                logger.log(values)
+            out[name] = (time.perf_counter() - t0) / rows
+            logger.close()
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from smfnet_jax.cli import exit_on_environment_error
     from smfnet_jax.policy import CONV_SUMS_CHOICES, DTYPES, IMPL_HELP, PRECISION_HELP, PRECISIONS
@@ -130,8 +156,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare-dtypes", action="store_true",
                    help="instead of timing: bfloat16 vs float32 loss terms and gradient norms of "
                         "both phases on one synthetic batch (--batch, --size; e.g. --batch 2)")
+    p.add_argument("--logging", action="store_true",
+                   help="instead of timing steps: seconds per logged row (metrics.jsonl and "
+                        "TensorBoard) without and with the throughput figures")
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args(argv)
+    if args.logging:
+        out = logging_cost()
+        print(f"per logged row: {out['without_s'] * 1e3:.2f} ms without the throughput figures, "
+              f"{out['with_s'] * 1e3:.2f} ms with them")
+        return 0
 
     if args.compare_dtypes:
         rows = precision_report(args.batch, args.size)

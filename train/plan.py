@@ -36,21 +36,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-GiB = 1 << 30
-
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-    """What a plan needs of one chip (vendors' published figures)."""
-    kind: str
-    hbm_bytes: int          # per chip, as the runtime reports it
-    hbm_bandwidth: float    # bytes/s
-    bf16_flops: float       # dense peak, per chip
-    usable: float = 1.0     # share of hbm_bytes a program may take (GPU: JAX's preallocation)
-    # TPU compilers refuse a program that does not fit (their own account of HBM, which is not
-    # the memory analysis' sum: phase II at 5 per v5e chip compiles with 16.2 GiB of
-    # "temporaries"), so there the verdict is the compiler's; XLA:GPU compiles anything.
-    compiler_checks_hbm: bool = False
+from train.chips import GiB, H100, H200, V4, V5E, V5P, V6E, Chip, peak_flops  # noqa: F401
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,13 +48,6 @@ class Target:
     chip_config: str | None = None  # TPU: "megacore" (v4: one device per chip, as on a VM)
     description: str = ""
 
-
-V5E = Chip("TPU v5e", 16 * GiB, 819e9, 197e12, compiler_checks_hbm=True)
-V4 = Chip("TPU v4", 32 * GiB, 1228e9, 275e12, compiler_checks_hbm=True)
-V5P = Chip("TPU v5p", 95 * GiB, 2765e9, 459e12, compiler_checks_hbm=True)
-V6E = Chip("TPU v6e", 32 * GiB, 1640e9, 918e12, compiler_checks_hbm=True)
-H100 = Chip("NVIDIA H100 80GB HBM3", 84_942_979_072, 3.35e12, 989e12, usable=0.75)
-H200 = Chip("NVIDIA H200", 150_754_820_096, 4.8e12, 989e12, usable=0.75)
 
 TARGETS = {t.name: t for t in (
     Target("tpu:v5e:2x2", "tpu", "v5e:2x2", V5E, description="v5litepod-4, 1 host"),
@@ -145,14 +124,6 @@ def target_devices(target: Target) -> list:
 
 
 # --------------------------------------------------------------------------- one row
-def peak_flops(chip: Chip, policy) -> float:
-    """The chip's peak for this policy's matmuls: TPUs run float32 as 1 (default), 3 (high)
-    or 6 (highest) bfloat16 passes; bfloat16 compute is one pass."""
-    if policy.dtype == "bfloat16":
-        return chip.bf16_flops
-    return chip.bf16_flops / {"default": 1, "high": 3, "highest": 6}[policy.precision]
-
-
 def measure(compiled, chips: int) -> dict:
     """Per-chip bytes and whole-mesh FLOPs of a compiled program (the compiler's analyses)."""
     m = compiled.memory_analysis()

@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import jax
@@ -94,6 +95,8 @@ def _restore_failure(error: BaseException, limit: int = 200) -> str:
         error = RuntimeError(str(error.args[0]))
     return f"{name}: {error_head(error, limit)}"
 
+
+SUMMARY_NAME = "summary.json"  # the last run's throughput figures, in the workdir
 
 # After a failed save, how long to wait for the step's other writes before removing its files.
 SAVE_THREADS_TIMEOUT_S = 60.0
@@ -262,6 +265,13 @@ class Trainer:
                       for phase in (1, 2)}
         self.data_iter = self._make_iterator()
         self._fuse_sample = nnx.jit(lambda m, vi, ir: m.fuse(vi, ir))
+        from train.chips import chip_for
+        self.chip = chip_for(jax.devices()[0].device_kind)
+        self.step_flops: dict[int, float | None] = {}  # per phase, once compiled
+        self.evaluator = None  # process 0 evaluates; the others wait for it
+        if cfg.eval_every_epochs > 0 and cfg.eval.ir and self.is_main:
+            from train.evaluation import Evaluator
+            self.evaluator = Evaluator(cfg.eval.ir, cfg.eval.vi, cfg.eval.max_pairs)
         self.ckpt = self._checkpoint_manager()
         self.start_step = self._maybe_restore()
 
@@ -412,7 +422,56 @@ class Trainer:
         return (f"device {dev['platform']} ({dev['device']}), {dev['device_count']} in "
                 f"{jax.process_count()} process(es); {policy.describe()}; batch {self.cfg.batch_size} "
                 f"in {k} micro-batch(es) per device; steps {self.start_step}..{self.total_steps}; "
-                f"workdir {self.workdir}")
+                f"workdir {self.workdir}; {self.describe_peak()}")
+
+    def describe_peak(self) -> str:
+        from train.chips import describe_peak
+        policy = train_step_lib.policy_of(self.graphdef, self.state)
+        return describe_peak(self.chip, policy, jax.devices()[0].device_kind)
+
+    def peak_flops(self) -> float | None:
+        """Per chip, at the policy's dtype and precision; None off the table (CPUs)."""
+        from train.chips import peak_flops
+        if self.chip is None:
+            return None
+        return peak_flops(self.chip, train_step_lib.policy_of(self.graphdef, self.state))
+
+    def compile_phase(self, phase: int, vi, ir) -> float:
+        """Compile `phase`'s step ahead of its first call (which then reuses it) and note its
+        model FLOPs per global step; the seconds it took."""
+        t0 = time.perf_counter()
+        args = (self.state, vi, ir)
+        lower = getattr(self.steps[phase], "lower", None)
+        if lower is None:  # not a jitted function (tests' stand-ins): nothing to compile or count
+            self.step_flops[phase] = None
+            return 0.0
+        lowered = lower(*args)
+        lowered.compile()
+        seconds = time.perf_counter() - t0
+        self.step_flops[phase] = self._model_flops(phase, lowered, args)
+        return seconds
+
+    def _model_flops(self, phase: int, lowered, args) -> float | None:
+        """The global step's FLOPs by XLA's cost analysis of the step as lowered (before
+        optimisation, so the model's arithmetic, the same on every backend). Micro-batches run
+        in a loop whose body the analysis counts once: those steps are counted whole-batch
+        (the same arithmetic; micro-batching only re-does some of it)."""
+        policy = train_step_lib.policy_of(self.graphdef, self.state)
+        k = train_step_lib.resolve_microbatches(self.cfg.microbatches, self.cfg.batch_size,
+                                                policy.routines)
+        try:
+            if k > 1:
+                cfg = self.cfg.copy_and_resolve_references()
+                cfg.microbatches = 1
+                lowered = train_step_lib.jit_train_step(self.graphdef, phase, cfg, self.mesh,
+                                                         tx=self.optimizers[phase]).lower(*args)
+            cost = lowered.cost_analysis()
+        except Exception:  # noqa: BLE001 - a backend without a cost analysis: no MFU
+            return None
+        if isinstance(cost, (list, tuple)):
+            cost = cost[0] if cost else None
+        flops = (cost or {}).get("flops")
+        return float(flops) if flops and flops > 0 else None
 
     def phase_of(self, step: int) -> int:
         return 1 if step // self.steps_per_epoch < self.cfg.phase1_epochs else 2
@@ -511,13 +570,23 @@ class Trainer:
             from smfnet_jax.cli import Progress
             bar = Progress(self.total_steps, "train", "step", initial=self.start_step)
         last, status, notice_sent = {}, "", False
+        clock = RunClock(cfg.batch_size, jax.device_count(), self.peak_flops())
+        profile = Profile(cfg, self.workdir, self.is_main)
         try:
             for step in range(self.start_step, self.total_steps):
                 epoch = step // self.steps_per_epoch
                 phase = self.phase_of(step)
-                vi, ir = _global_batch(next(self.data_iter), self.mesh)
-                self.state, metrics = self.steps[phase](self.state, vi, ir)
+                with clock.timing("data"):
+                    vi, ir = _global_batch(next(self.data_iter), self.mesh)
+                if phase not in self.step_flops:
+                    seconds = self.compile_phase(phase, vi, ir)
+                    clock.add("compile", seconds)
+                    clock.compile_s[phase] = seconds
                 done = step + 1
+                profile.before(done)
+                self.state, metrics = self.steps[phase](self.state, vi, ir)
+                clock.steps += 1
+                profile.after(done, metrics)
                 if preemption:
                     if signals.received is not None and not notice_sent:
                         notice_sent = True  # JAX's notifier watches SIGTERM; it tells every process
@@ -527,7 +596,9 @@ class Trainer:
                 else:
                     stop = signals.received is not None
                 stop = stop and done < self.total_steps  # at the end the run is complete anyway
-                log_now = done % cfg.log_every_steps == 0 or done == self.total_steps
+                eval_now = (cfg.eval_every_epochs > 0 and bool(cfg.eval.ir) and done % self.steps_per_epoch == 0
+                            and (epoch + 1) % cfg.eval_every_epochs == 0)
+                log_now = done % cfg.log_every_steps == 0 or done == self.total_steps or eval_now
                 save_now = done % cfg.checkpoint_every_steps == 0 or done == self.total_steps or stop
                 if log_now or save_now:
                     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -538,22 +609,32 @@ class Trainer:
                             f"stopping without saving: the last good checkpoint is step "
                             f"{self.ckpt.latest_step()} in {self.workdir / CHECKPOINT_SUBDIR}")
                     values.update(step=done, epoch=epoch, phase=phase)
-                    last = values
+                    if eval_now:
+                        with clock.timing("eval"):
+                            values.update(self.evaluate(phase, logger, done))
                     if log_now:
+                        values.update(clock.window(self.step_flops.get(phase)))
                         logger.log(values)
+                    last = values
                     status = f"loss {values['loss']:.4f}, phase {phase}, epoch {epoch}"
                 if save_now:
-                    self.save(done)
+                    with clock.timing("checkpoint"):
+                        self.save(done)
                 if done % self.steps_per_epoch == 0 and (epoch + 1) % cfg.sample_every_epochs == 0:
-                    self.write_sample(epoch, vi, ir)
+                    with clock.timing("eval"):
+                        self.write_sample(epoch, vi, ir, logger, done)
                 if bar is not None:
                     bar.update(1, status)
                 if stop:
                     self.wait_for_saves()
                     raise self._interrupted(done, signals.received)
         finally:
+            profile.stop()
             if bar is not None:
                 bar.close()
+            if clock.steps:
+                self.summary = clock.summary(self.step_flops)
+                logger.summary(self.summary)
             logger.close()
         return last
 
@@ -565,8 +646,27 @@ class Trainer:
             cause = f"a preemption notice to one of the {jax.process_count()} processes"
         return TrainingInterrupted(step, signum, cause, self.workdir / CHECKPOINT_SUBDIR)
 
-    def write_sample(self, epoch: int, vi: jax.Array, ir: jax.Array) -> None:
-        """Fuse the first pair of the current batch in eval mode and write it as a PNG."""
+    def evaluate(self, phase: int, logger, step: int) -> dict:
+        """Phase II: the fusion metrics' means on the eval pairs; phase I: the reconstructions'
+        PSNR and SSIM (train.evaluation), with their images into TensorBoard. Process 0
+        evaluates, with the state's own arrays on its first device (no copy); every process
+        then meets at a barrier, so all go on at the same step."""
+        values = {}
+        if self.evaluator is not None:
+            model = self._model(jax.tree.map(lambda x: x.addressable_data(0), self.state))
+            model.eval()
+            values, images = (self.evaluator.phase2 if phase == 2 else self.evaluator.phase1)(model)
+            for name, image in images:
+                logger.image(f"eval/{name}", image, step)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("smfnet_eval")
+        return values
+
+    def write_sample(self, epoch: int, vi: jax.Array, ir: jax.Array, logger=None,
+                     step: int | None = None) -> None:
+        """Fuse the first pair of the current batch in eval mode and write it as a PNG
+        (infrared | visible | fused), and as the TensorBoard image `samples` at `step`."""
         if not self.is_main:
             return
         from smfnet_jax.imageio import float_to_uint8, write_png
@@ -578,7 +678,114 @@ class Trainer:
         row = np.concatenate([local_ir[0, :, :, 0], local_vi[0, :, :, 0], fused], axis=1)
         out = self.workdir / "samples" / f"epoch_{epoch + 1:04d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
-        write_png(out, float_to_uint8(row * 255.0))
+        image = float_to_uint8(row * 255.0)
+        write_png(out, image)
+        if logger is not None:
+            logger.image("samples", image, epoch + 1 if step is None else step)
+
+
+class RunClock:
+    """Where a run's wall time goes: steps, and the time spent waiting for the data iterator,
+    compiling, saving checkpoints and evaluating (sample images included), per logging window
+    and for the whole run. Step time is the window's wall time less those waits, over its
+    steps: dispatch is asynchronous and the window ends at the logged step's device_get,
+    which waits for every step in it."""
+
+    KINDS = ("data", "compile", "checkpoint", "eval")
+    # What `window` adds to a logged row: timings, which differ from run to run.
+    KEYS = ("step_time_s", "samples_per_s", "samples_per_s_per_device", "data_wait_share",
+            "compile_share", "checkpoint_share", "eval_share", "goodput", "mfu")
+
+    def __init__(self, global_batch: int, devices: int, peak_flops: float | None):
+        self.global_batch, self.devices, self.peak = global_batch, devices, peak_flops
+        self.start = self._mark = time.perf_counter()
+        self.total = dict.fromkeys(self.KINDS, 0.0)
+        self._window = dict.fromkeys(self.KINDS, 0.0)
+        self.steps = 0
+        self._window_steps = 0
+        self.compile_s: dict[int, float] = {}
+
+    def add(self, kind: str, seconds: float) -> None:
+        self.total[kind] += seconds
+        self._window[kind] += seconds
+
+    def timing(self, kind: str):
+        clock = self
+
+        class _Timing:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                clock.add(kind, time.perf_counter() - self.t0)
+        return _Timing()
+
+    def _figures(self, wall: float, waits: dict, steps: int, flops: float | None) -> dict:
+        busy = wall - sum(waits.values())
+        step_time = busy / steps if steps else None
+        out = {"step_time_s": step_time,
+               "samples_per_s": self.global_batch / step_time if step_time else None,
+               "samples_per_s_per_device": (self.global_batch / step_time / self.devices
+                                            if step_time else None)}
+        out.update({f"{k}_share": (waits[k] / wall if wall > 0 else 0.0) for k in self.KINDS})
+        out["data_wait_share"] = out.pop("data_share")
+        out["goodput"] = busy / wall if wall > 0 else 0.0
+        out["mfu"] = (flops / (step_time * self.devices * self.peak)
+                      if flops and self.peak and step_time else None)
+        return out
+
+    def window(self, flops: float | None) -> dict:
+        """The figures since the previous call (or the start), then a new window."""
+        now = time.perf_counter()
+        out = self._figures(now - self._mark, self._window, self.steps - self._window_steps, flops)
+        self._mark, self._window_steps = now, self.steps
+        self._window = dict.fromkeys(self.KINDS, 0.0)
+        return out
+
+    def summary(self, step_flops: dict) -> dict:
+        """The whole run's figures (MFU with the mean of the phases' FLOPs it compiled)."""
+        known = [f for f in step_flops.values() if f]
+        flops = sum(known) / len(known) if known else None
+        wall = time.perf_counter() - self.start
+        out = {"steps": self.steps, "wall_s": wall, **self._figures(wall, self.total, self.steps, flops)}
+        out.update({f"compile_s/phase{p}": v for p, v in sorted(self.compile_s.items())})
+        out.update({f"model_flops_per_step/phase{p}": f for p, f in sorted(step_flops.items())})
+        return out
+
+
+class Profile:
+    """`cfg.profile_steps` "A:B": a jax.profiler trace of steps A..B (numbered as in
+    metrics.jsonl) into WORKDIR/profile, on process 0 unless cfg.profile_all_processes."""
+
+    def __init__(self, cfg, workdir: Path, is_main: bool):
+        from train.configs.validate import parse_steps
+        self.steps = parse_steps(cfg.profile_steps) if cfg.profile_steps else None
+        if not (is_main or cfg.profile_all_processes):
+            self.steps = None
+        self.directory = workdir / "profile"
+        self.active = False
+
+    def before(self, step: int) -> None:
+        if self.steps and not self.active and self.steps[0] <= step <= self.steps[1]:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            jax.profiler.start_trace(str(self.directory))
+            self.first, self.last, self.active = step, step, True
+
+    def after(self, step: int, outputs) -> None:
+        if self.active:
+            self.last = step
+            if step >= self.steps[1]:
+                jax.block_until_ready(outputs)  # the trace holds the last step's device work
+                self.stop()
+
+    def stop(self) -> None:
+        """End the trace (at step B, or where the run stopped before it) and say where it is."""
+        if not self.active:
+            return
+        self.active = False
+        jax.profiler.stop_trace()
+        print(f"profile of steps {self.first}..{self.last} in {self.directory} (tensorboard --logdir "
+              f"{self.directory}, or ui.perfetto.dev with its .trace.json.gz)", file=sys.stderr)
 
 
 class MetricsLogger:
@@ -613,8 +820,30 @@ class MetricsLogger:
         self.file.flush()
         if self.tb is not None:
             for k, v in values.items():
-                if k != "step":
+                if k != "step" and v is not None:
                     self.tb.add_scalar(k, v, values["step"])
+
+    def image(self, tag: str, image: np.ndarray, step: int) -> None:
+        """A uint8 image (H, W) or (H, W, 3) into TensorBoard."""
+        if self.enabled and self.tb is not None:
+            self.tb.add_image(tag, image, step, dataformats="HW" if image.ndim == 2 else "HWC")
+
+    def summary(self, values: dict) -> None:
+        """The run's throughput figures: WORKDIR/summary.json and one line on stderr."""
+        if not self.enabled:
+            return
+        from smfnet_jax.fileio import atomic_write
+        text = json.dumps(values, sort_keys=True, indent=1) + "\n"
+        atomic_write(self.path.parent / SUMMARY_NAME, lambda f: f.write(text.encode()))
+        def fmt(v, spec):
+            return "n/a" if v is None else format(v, spec)
+        compile_s = sum(v for k, v in values.items() if k.startswith("compile_s/"))
+        print(f"throughput: {values['steps']} steps, {fmt(values['step_time_s'], '.4f')} s/step, "
+              f"{fmt(values['samples_per_s'], '.2f')} samples/s, mfu {fmt(values['mfu'], '.3%')}; "
+              f"wall {values['wall_s']:.1f} s: goodput {values['goodput']:.1%}, data "
+              f"{values['data_wait_share']:.1%}, compile {values['compile_share']:.1%} "
+              f"({compile_s:.1f} s), checkpoints {values['checkpoint_share']:.1%}, eval "
+              f"{values['eval_share']:.1%} (in {self.path.parent / SUMMARY_NAME})", file=sys.stderr)
 
     def close(self) -> None:
         if not self.enabled:
@@ -625,4 +854,4 @@ class MetricsLogger:
 
 
 __all__ = ["Trainer", "TrainingError", "TrainingInterrupted", "StopSignals", "MetricsLogger",
-           "init_distributed", "CHECKPOINT_SUBDIR"]
+           "init_distributed", "CHECKPOINT_SUBDIR", "RunClock", "Profile", "SUMMARY_NAME"]

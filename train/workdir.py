@@ -29,12 +29,14 @@ CONFIG_HISTORY = "config_history"
 METRICS_NAME = "metrics.jsonl"
 
 # Keys a resume may change without --allow_config_change: how long to train, and how often to
-# log, save and show progress; the distributed address, which is per launch; and
+# log, save, evaluate, profile and show progress; the distributed address, which is per launch; and
 # data.patch_size, which only checks the file (a workdir recorded before it existed resumes).
 # Everything else changes what the restored state means (data, order, schedule, optimiser, model).
 RESUMABLE_KEYS = frozenset({
     "num_epochs", "max_steps", "checkpoint_every_steps", "keep_checkpoints", "log_every_steps",
-    "sample_every_epochs", "progress", "distributed.coordinator_address",
+    "sample_every_epochs", "progress", "profile_steps", "profile_all_processes",
+    "eval_every_epochs", "eval.ir", "eval.vi", "eval.max_pairs",
+    "distributed.coordinator_address",
     "distributed.process_id", "distributed.cpu_collectives", "data.patch_size",
 })
 

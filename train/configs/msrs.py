@@ -1,6 +1,10 @@
 """The reference's training recipe on MSRS patches (train.py of the original).
 
     python -m train.main --config msrs.py --workdir runs/msrs --config.data.h5=data/msrs_train.h5
+
+Fusion quality while training (eval/EN ... eval/SSIM in metrics.jsonl and TensorBoard, the
+numbers infer.evaluate prints): point eval.ir and eval.vi at test pairs, e.g. TNO's,
+    --config.eval.ir=data/TNO/ir --config.eval.vi=data/TNO/vi --config.eval_every_epochs=5
 """
 import ml_collections
 
@@ -56,6 +60,15 @@ def get_config() -> ml_collections.ConfigDict:
     c.log_every_steps = 50
     c.sample_every_epochs = 5      # fused sample image into WORKDIR/samples
     c.progress = True
+    c.eval_every_epochs = 5        # fusion metrics on eval.ir/eval.vi every this many epochs
+                                   # (0: never; nothing without eval.ir and eval.vi)
+    c.eval = ml_collections.ConfigDict()
+    c.eval.ir = ""                 # folders of test pairs, paired by stem as infer.main pairs
+    c.eval.vi = ""                 # them; TNO's: --config.eval.ir=TNO/ir --config.eval.vi=TNO/vi
+    c.eval.max_pairs = 16          # the first this many pairs (natural order); 0: all
+    c.profile_steps = ""           # "A:B": a jax.profiler trace of steps A..B (as numbered in
+                                   # metrics.jsonl) into WORKDIR/profile; "": none
+    c.profile_all_processes = False  # False: process 0 only traces
 
     c.distributed = ml_collections.ConfigDict()
     c.distributed.coordinator_address = ""  # "10.0.0.1:1234"; "auto": found by JAX (TPU VMs,

@@ -3,7 +3,11 @@
     python -m train.main --config smoke.py --workdir /tmp/w
     python -m train.main --config smoke.py --workdir /tmp/w --config.data.h5=/tmp/m.h5
 """
+from pathlib import Path
+
 from train.configs import msrs
+
+SAMPLES = Path(__file__).resolve().parents[2] / "samples" / "TNO"
 
 
 def get_config():
@@ -23,4 +27,7 @@ def get_config():
     c.keep_checkpoints = 2
     c.log_every_steps = 1
     c.sample_every_epochs = 2
+    c.eval.ir = str(SAMPLES / "ir")    # the sample pairs: a metric table and images in TensorBoard
+    c.eval.vi = str(SAMPLES / "vi")
+    c.eval_every_epochs = 4            # once, at the end (phase II)
     return c

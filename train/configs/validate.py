@@ -76,6 +76,16 @@ def microbatches_divide(microbatches: int, batch: int) -> bool:
     return microbatches == 0 or (microbatches > 0 and batch % microbatches == 0)
 
 
+def parse_steps(text: str) -> tuple[int, int] | None:
+    """"A:B" -> (A, B) with 1 <= A <= B, else None."""
+    a, sep, b = text.partition(":")
+    try:
+        first, last = int(a), int(b)
+    except ValueError:
+        return None
+    return (first, last) if sep and 1 <= first <= last else None
+
+
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -122,6 +132,13 @@ def _rules() -> Iterator[tuple[str, Callable[[Any], bool], str]]:
         "log_every_steps": pos_int,
         "sample_every_epochs": pos_int,
         "progress": boolean,
+        "eval_every_epochs": nonneg_int,
+        "eval.ir": string,
+        "eval.vi": string,
+        "eval.max_pairs": nonneg_int,
+        "profile_steps": (lambda v: isinstance(v, str) and (v == "" or parse_steps(v) is not None),
+                          "'' or 'A:B' with 1 <= A <= B (steps as numbered in metrics.jsonl)"),
+        "profile_all_processes": boolean,
         "distributed.coordinator_address": string,
         "distributed.num_processes": pos_int,
         "distributed.process_id": nonneg_int,
@@ -195,6 +212,12 @@ def config_problems(cfg) -> list[str]:
             problems.append(f"init_from={g('init_from')!r}: an exported model ({init.suffix}) "
                             "holds a compiled function, not trainable weights; start from a "
                             ".pth, a .safetensors, a converted orbax folder or a training workdir")
+    if good("eval.ir", "eval.vi"):
+        if bool(g("eval.ir")) != bool(g("eval.vi")):
+            problems.append("eval.ir and eval.vi: give both folders of test pairs, or neither")
+        for key in ("eval.ir", "eval.vi"):
+            if g(key) and not Path(g(key)).is_dir():
+                problems.append(f"{key}={g(key)!r}: no such folder")
     if good("distributed.num_processes", "distributed.process_id") and \
             g("distributed.process_id") >= g("distributed.num_processes"):
         problems.append(f"distributed.process_id={g('distributed.process_id')}: must be < "
@@ -215,4 +238,4 @@ def check_config(cfg) -> None:
 
 
 __all__ = ["ConfigError", "config_problems", "check_config", "flatten", "as_dict", "known_keys",
-           "unknown_key_message", "missing_data"]
+           "unknown_key_message", "missing_data", "parse_steps"]
