@@ -348,8 +348,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_h5, tmp_path)
 SHARDED_SCRIPT = textwrap.dedent("""
     import json, jax, numpy as np
     assert jax.device_count() == 4, jax.devices()
-    from smfnet_jax.metrics import METRIC_NAMES
-from train.configs import smoke
+    from train.configs import smoke
     from train.data import SyntheticPairs
     from train.optim import make_optimizer
     from train.step import init_train_state, jit_train_step
