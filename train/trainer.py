@@ -268,6 +268,7 @@ class Trainer:
         from train.chips import chip_for
         self.chip = chip_for(jax.devices()[0].device_kind)
         self.step_flops: dict[int, float | None] = {}  # per phase, once compiled
+        self.summary: dict | None = None  # the last run()'s throughput figures
         self.evaluator = None  # process 0 evaluates; the others wait for it
         if cfg.eval_every_epochs > 0 and cfg.eval.ir and self.is_main:
             from train.evaluation import Evaluator
@@ -546,6 +547,8 @@ class Trainer:
         with signals:
             last = self._loop(progress, signals, preemption)
             self.wait_for_saves()  # the last save's failure is this run's error
+        if self.is_main and self.summary is not None:
+            throughput_line(self.summary, self.workdir / SUMMARY_NAME)
         return last
 
     def _preemption_service(self) -> bool | None:
@@ -829,21 +832,13 @@ class MetricsLogger:
             self.tb.add_image(tag, image, step, dataformats="HW" if image.ndim == 2 else "HWC")
 
     def summary(self, values: dict) -> None:
-        """The run's throughput figures: WORKDIR/summary.json and one line on stderr."""
+        """The run's throughput figures: WORKDIR/summary.json (also for a run that failed or
+        was interrupted; `throughput_line` says them on a clean finish)."""
         if not self.enabled:
             return
         from smfnet_jax.fileio import atomic_write
         text = json.dumps(values, sort_keys=True, indent=1) + "\n"
         atomic_write(self.path.parent / SUMMARY_NAME, lambda f: f.write(text.encode()))
-        def fmt(v, spec):
-            return "n/a" if v is None else format(v, spec)
-        compile_s = sum(v for k, v in values.items() if k.startswith("compile_s/"))
-        print(f"throughput: {values['steps']} steps, {fmt(values['step_time_s'], '.4f')} s/step, "
-              f"{fmt(values['samples_per_s'], '.2f')} samples/s, mfu {fmt(values['mfu'], '.3%')}; "
-              f"wall {values['wall_s']:.1f} s: goodput {values['goodput']:.1%}, data "
-              f"{values['data_wait_share']:.1%}, compile {values['compile_share']:.1%} "
-              f"({compile_s:.1f} s), checkpoints {values['checkpoint_share']:.1%}, eval "
-              f"{values['eval_share']:.1%} (in {self.path.parent / SUMMARY_NAME})", file=sys.stderr)
 
     def close(self) -> None:
         if not self.enabled:
@@ -851,6 +846,21 @@ class MetricsLogger:
         self.file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+
+def throughput_line(values: dict, path: Path) -> None:
+    """One line on stderr with a run's throughput figures (`path`: its summary.json), said
+    once the run finished cleanly: a failed run's last line is its error alone."""
+    def fmt(v, spec):
+        return "n/a" if v is None else format(v, spec)
+    compile_s = sum(v for k, v in values.items() if k.startswith("compile_s/"))
+    print(f"throughput: {values['steps']} steps, {fmt(values['step_time_s'], '.4f')} s/step, "
+          f"{fmt(values['samples_per_s'], '.2f')} samples/s, mfu {fmt(values['mfu'], '.3%')}; "
+          f"wall {values['wall_s']:.1f} s: goodput {values['goodput']:.1%}, data "
+          f"{values['data_wait_share']:.1%}, compile {values['compile_share']:.1%} "
+          f"({compile_s:.1f} s), checkpoints {values['checkpoint_share']:.1%}, eval "
+          f"{values['eval_share']:.1%} (in {path})", file=sys.stderr)
 
 
 __all__ = ["Trainer", "TrainingError", "TrainingInterrupted", "StopSignals", "MetricsLogger",
